@@ -1,0 +1,141 @@
+"""EngineCore: one engine's loop body. A step is three calls: schedule, execute, update.
+
+The core knows nothing of tokenization, HTTP or sockets: token ids in, `EngineOutput` deltas out.
+It is single-threaded; a worker process that serves it from asyncio feeds it from one thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from tandem.engine.config import EngineConfig
+from tandem.engine.connector import KVConnectorScheduler, KVConnectorWorker
+from tandem.engine.executor import Executor, ExecutorOutput
+from tandem.engine.request import Request, SamplingParams
+from tandem.engine.scheduler import Scheduler
+from tandem.kvcache.manager import KVCacheManager
+from tandem.protocol.errors import InvalidRequestError
+from tandem.protocol.kv_events import KvCacheDump, KvEventSink
+from tandem.protocol.messages import EngineOutput
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_blocks: int
+    num_free_blocks: int
+    num_used_blocks: int
+    kv_usage: float
+    num_preemptions: int
+    prompt_tokens_total: int
+    cached_tokens_total: int
+    num_steps: int
+
+
+class EngineCore:
+    def __init__(
+        self,
+        config: EngineConfig,
+        executor: Executor,
+        *,
+        connector: tuple[KVConnectorScheduler, KVConnectorWorker] | None = None,
+        event_sink: KvEventSink | None = None,
+    ) -> None:
+        self.config = config
+        self.executor = executor
+        self.max_model_len = min(config.max_model_len or executor.max_model_len, executor.max_model_len)
+        self.kv = KVCacheManager(executor.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.connector_worker = connector[1] if connector else None
+        self.scheduler = Scheduler(
+            config,
+            self.kv,
+            self.max_model_len,
+            executor.eos_token_ids,
+            connector[0] if connector else None,
+        )
+        self.event_sink = event_sink
+        self.num_steps = 0
+        self.last_step_seconds = 0.0
+        self._ids = itertools.count()
+
+    def add_request(
+        self,
+        prompt_token_ids: list[int],
+        sampling: SamplingParams,
+        request_id: str | None = None,
+        kv_transfer_params: dict[str, Any] | None = None,
+    ) -> Request:
+        """Queue a request. Raises InvalidRequestError if it can never run here."""
+        if not prompt_token_ids:
+            raise InvalidRequestError("the prompt is empty: at least one token is needed")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                f"the prompt has {len(prompt_token_ids)} tokens but the context length is "
+                f"{self.max_model_len}: at most {self.max_model_len - 1} prompt tokens fit"
+            )
+        needed = self.kv.blocks_needed(len(prompt_token_ids) + 1)
+        if needed > self.kv.num_blocks:
+            raise InvalidRequestError(
+                f"the prompt needs {needed} KV blocks but this engine has {self.kv.num_blocks}"
+            )
+        vocab = getattr(self.executor, "vocab_size", None)
+        if vocab is not None and (min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab):
+            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})")
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        req = Request(
+            request_id=rid,
+            prompt_token_ids=list(prompt_token_ids),
+            sampling=sampling,
+            block_size=self.config.block_size,
+            kv_transfer_params=kv_transfer_params,
+        )
+        self.scheduler.add(req)
+        return req
+
+    def abort(self, request_id: str) -> bool:
+        return self.scheduler.abort(request_id)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.num_unfinished > 0 or bool(self.scheduler._aborted_outputs)
+
+    def step(self) -> list[EngineOutput]:
+        sched = self.scheduler.schedule()
+        if self.connector_worker is not None:
+            self.connector_worker.start_load_kv(sched.connector_meta)
+        result = self.executor.execute(sched) if not sched.empty else ExecutorOutput()
+        if self.connector_worker is not None:
+            self.connector_worker.save_kv(sched.connector_meta)
+        outputs = self.scheduler.update(sched, result)
+        if self.connector_worker is not None:
+            done = self.connector_worker.get_finished()
+            self.scheduler.process_finished_transfers(done.sending, done.receiving)
+        events = self.kv.take_events()
+        if events and self.event_sink is not None:
+            self.event_sink(events)
+        self.num_steps += 1
+        self.last_step_seconds = result.step_seconds
+        return outputs
+
+    def kv_dump(self) -> KvCacheDump:
+        return self.kv.dump()
+
+    def stats(self) -> EngineStats:
+        s = self.scheduler
+        return EngineStats(
+            num_running=len(s.running),
+            num_waiting=len(s.waiting) + len(s.waiting_for_kv),
+            num_blocks=self.kv.num_blocks,
+            num_free_blocks=self.kv.num_free_blocks,
+            num_used_blocks=self.kv.num_used_blocks,
+            kv_usage=self.kv.usage(),
+            num_preemptions=s.num_preemptions,
+            prompt_tokens_total=s.prompt_tokens_total,
+            cached_tokens_total=s.cached_tokens_total,
+            num_steps=self.num_steps,
+        )

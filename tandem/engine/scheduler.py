@@ -1,0 +1,231 @@
+"""Scheduler: which requests run in the next step and how many tokens of each.
+
+Algorithm (by token counts, no phases): every request has `num_tokens` known tokens of which
+`num_computed_tokens` have KV. Each step, under a token budget, first the running requests then the
+waiting ones (FCFS) get `min(num_tokens - num_computed_tokens, budget left)` new tokens. A long
+prompt is thus chunked over steps, a decode is a 1-token step, and a prefix hit or KV loaded from a
+peer simply starts a request further along. When blocks run out, the most recently admitted running
+request is preempted: its blocks are freed (their hashes stay cached, so the recompute is often a
+prefix hit) and it goes back to the front of the queue with its tokens so far. Nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+
+from tandem.engine.config import EngineConfig
+from tandem.engine.connector import ExternalMatch, KVConnectorScheduler
+from tandem.engine.executor import ExecutorOutput, ScheduledRequest, SchedulerOutput
+from tandem.engine.request import Request, RequestStatus
+from tandem.kvcache.manager import NO_HIT, KVCacheManager
+from tandem.protocol.messages import EngineOutput
+
+log = logging.getLogger(__name__)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        config: EngineConfig,
+        kv: KVCacheManager,
+        max_model_len: int,
+        eos_token_ids: tuple[int, ...] = (),
+        connector: KVConnectorScheduler | None = None,
+    ) -> None:
+        self.config = config
+        self.kv = kv
+        self.max_model_len = max_model_len
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.connector = connector
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.waiting_for_kv: dict[str, Request] = {}
+        self.held: dict[str, Request] = {}
+        """Finished requests whose blocks a peer still reads."""
+        self._finished_ids: set[str] = set()
+        self._aborted_outputs: list[EngineOutput] = []
+        self.num_preemptions = 0
+        self.prompt_tokens_total = 0
+        self.cached_tokens_total = 0
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running) + len(self.waiting_for_kv)
+
+    def add(self, request: Request) -> None:
+        assert request.request_id not in self.requests, f"duplicate request id {request.request_id}"
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request wherever it is and free its blocks. False if it is unknown or done."""
+        req = self.requests.get(request_id)
+        if req is None or req.status.finished:
+            return False
+        if req.status == RequestStatus.RUNNING:
+            self.running.remove(req)
+        elif req.status == RequestStatus.WAITING_FOR_REMOTE_KV:
+            del self.waiting_for_kv[request_id]
+        else:
+            self.waiting.remove(req)
+        req.status = RequestStatus.FINISHED_ABORTED
+        self._finish(req)
+        self._aborted_outputs.append(self._output(req, []))
+        return True
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput(finished_request_ids=self._finished_ids)
+        self._finished_ids = set()
+        budget = self.config.max_num_batched_tokens
+        preempted: set[str] = set()
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = self._chunk(req.num_tokens - req.num_computed_tokens, budget)
+            while self.kv.allocate(req, n) is None:
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted.add(victim.request_id)
+                if victim is req:
+                    break
+            else:
+                out.scheduled.append(ScheduledRequest(req, n, req.num_computed_tokens))
+                budget -= n
+                i += 1
+
+        if not preempted:
+            budget = self._admit_waiting(out, budget)
+
+        out.num_batched_tokens = self.config.max_num_batched_tokens - budget
+        out.preempted_request_ids = preempted
+        if self.connector is not None:
+            out.connector_meta = self.connector.build_meta()
+        return out
+
+    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> int:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            hit = self.kv.find_prefix(req) if req.num_computed_tokens == 0 else NO_HIT
+            local = req.num_computed_tokens + hit.num_tokens
+            ext = ExternalMatch()
+            if self.connector is not None and req.num_computed_tokens == 0:
+                ext = self.connector.get_num_new_matched_tokens(req, local)
+                assert local + ext.num_tokens < req.num_tokens, "the connector must leave a token to compute"
+            remaining = req.num_tokens - local - ext.num_tokens
+            if ext.load_async:
+                n = 0
+            else:
+                n = self._chunk(remaining, budget)
+                if n < remaining and not self.config.enable_chunked_prefill:
+                    break
+            new_blocks = self.kv.allocate(req, ext.num_tokens + n, hit)
+            if new_blocks is None:
+                break
+            self.waiting.popleft()
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = hit.num_tokens + ext.num_tokens
+                self.prompt_tokens_total += req.num_prompt_tokens
+                self.cached_tokens_total += req.num_cached_tokens
+            if self.connector is not None and ext.num_tokens:
+                self.connector.update_state_after_alloc(
+                    req, self.kv.block_ids(req.request_id), ext.num_tokens
+                )
+            req.num_computed_tokens = local + ext.num_tokens
+            if ext.load_async:
+                req.status = RequestStatus.WAITING_FOR_REMOTE_KV
+                self.waiting_for_kv[req.request_id] = req
+                continue
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            out.scheduled.append(ScheduledRequest(req, n, req.num_computed_tokens))
+            budget -= n
+        return budget
+
+    def _chunk(self, remaining: int, budget: int) -> int:
+        n = min(remaining, budget)
+        if self.config.long_prefill_token_threshold:
+            n = min(n, self.config.long_prefill_token_threshold)
+        return n
+
+    def _preempt(self, req: Request) -> None:
+        self.kv.free(req)
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        req.status = RequestStatus.PREEMPTED
+        self.waiting.appendleft(req)
+        self.num_preemptions += 1
+        log.debug("preempted %s (%d tokens so far)", req.request_id, req.num_tokens)
+
+    def update(self, sched: SchedulerOutput, result: ExecutorOutput) -> list[EngineOutput]:
+        """Apply a step's results: advance counts, append sampled tokens, stop and free requests."""
+        outputs, self._aborted_outputs = self._aborted_outputs, []
+        for item in sched.scheduled:
+            req = item.request
+            if req.status != RequestStatus.RUNNING:
+                continue  # aborted while the step ran
+            req.num_computed_tokens += item.num_new_tokens
+            self.kv.cache_computed_blocks(req)
+            sampled = result.sampled.get(req.request_id)
+            if sampled is None:
+                continue
+            token, logprob = sampled
+            req.append_output(token, logprob)
+            stopped = self._check_stop(req, token)
+            out = self._output(req, [token], logprob)
+            if stopped:
+                self.running.remove(req)
+                out.kv_transfer_params = self._finish(req)
+            outputs.append(out)
+        return outputs
+
+    def process_finished_transfers(self, sending: set[str], receiving: set[str]) -> None:
+        for rid in sending:
+            req = self.held.pop(rid, None)
+            if req is not None:
+                self.kv.free(req)
+                self.requests.pop(rid, None)
+        for rid in receiving:
+            req = self.waiting_for_kv.pop(rid, None)
+            if req is not None:
+                req.status = RequestStatus.WAITING
+                self.waiting.appendleft(req)
+
+    def _check_stop(self, req: Request, token: int) -> bool:
+        sp = req.sampling
+        if req.num_output_tokens >= sp.min_tokens and (
+            token in sp.stop_token_ids or (not sp.ignore_eos and token in self.eos_token_ids)
+        ):
+            req.status = RequestStatus.FINISHED_STOPPED
+            req.stop_reason = token
+            return True
+        if req.num_output_tokens >= sp.max_tokens or req.num_tokens >= self.max_model_len:
+            req.status = RequestStatus.FINISHED_LENGTH
+            return True
+        return False
+
+    def _finish(self, req: Request) -> dict | None:
+        """Free (or hold, for a peer) a finished request's blocks. Returns transfer params, if any."""
+        hold, params = False, None
+        if self.connector is not None:
+            hold, params = self.connector.request_finished(req, self.kv.block_ids(req.request_id))
+        self._finished_ids.add(req.request_id)
+        if hold:
+            self.held[req.request_id] = req
+        else:
+            self.kv.free(req)
+            self.requests.pop(req.request_id, None)
+        return params
+
+    def _output(self, req: Request, tokens: list[int], logprob: float | None = None) -> EngineOutput:
+        return EngineOutput(
+            request_id=req.request_id,
+            new_token_ids=tokens,
+            finish_reason=req.finish_reason.value if req.finish_reason else None,
+            new_logprobs=[logprob] if logprob is not None else None,
+            num_prompt_tokens=req.num_prompt_tokens,
+            num_cached_tokens=max(req.num_cached_tokens, 0),
+            stop_reason=req.stop_reason,
+        )
