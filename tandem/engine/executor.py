@@ -35,6 +35,8 @@ class SchedulerOutput:
     """Requests freed since the previous step: the executor drops any per-request state."""
     preempted_request_ids: set[str] = field(default_factory=set)
     connector_meta: Any = None
+    kv_usage: float = 0.0
+    """Used / total KV blocks after this step's allocations (timing models read it)."""
 
     @property
     def empty(self) -> bool:

@@ -101,6 +101,7 @@ class Scheduler:
 
         out.num_batched_tokens = self.config.max_num_batched_tokens - budget
         out.preempted_request_ids = preempted
+        out.kv_usage = self.kv.usage()
         if self.connector is not None:
             out.connector_meta = self.connector.build_meta()
         return out

@@ -25,3 +25,30 @@ class EngineOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+class SamplingSpec(msgspec.Struct, omit_defaults=True):
+    """Wire form of `tandem.engine.request.SamplingParams` (same fields, same defaults)."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_token_ids: list[int] = msgspec.field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: bool = False
+    min_tokens: int = 0
+
+
+class GenerateRequest(msgspec.Struct, omit_defaults=True):
+    """Frontend/router -> worker: generate tokens for a tokenized prompt."""
+
+    request_id: str
+    model: str
+    prompt_token_ids: list[int]
+    sampling: SamplingSpec
+    kv_transfer_params: dict[str, Any] | None = None
+    """Disaggregation: on a prefill request, ask the worker to keep the KV for a peer; on a decode
+    request, where to fetch the prompt's KV from."""
+    annotations: dict[str, str] | None = None

@@ -1,0 +1,166 @@
+"""AsyncEngine: an EngineCore driven by its own thread, served to asyncio code as token streams.
+
+The core is single-threaded; this class is the one place where threads meet it. Requests and aborts
+enter through a queue that the engine thread drains before each step; outputs go back to each
+request's asyncio queue with `loop.call_soon_threadsafe`, batched once per step. When idle, the
+engine thread blocks on the queue, so an idle worker burns no CPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from tandem.engine.core import EngineCore, EngineStats
+from tandem.engine.request import SamplingParams
+from tandem.protocol.errors import InvalidRequestError, TandemError
+from tandem.protocol.messages import EngineOutput, GenerateRequest, SamplingSpec
+
+log = logging.getLogger(__name__)
+
+
+def sampling_from_spec(spec: SamplingSpec) -> SamplingParams:
+    try:
+        return SamplingParams(
+            max_tokens=spec.max_tokens,
+            temperature=spec.temperature,
+            top_k=spec.top_k,
+            top_p=spec.top_p,
+            seed=spec.seed,
+            stop_token_ids=tuple(spec.stop_token_ids),
+            ignore_eos=spec.ignore_eos,
+            logprobs=spec.logprobs,
+            min_tokens=spec.min_tokens,
+        )
+    except ValueError as e:
+        raise InvalidRequestError(str(e)) from e
+
+
+@dataclass
+class _Add:
+    req: GenerateRequest
+    sink: asyncio.Queue[EngineOutput | BaseException]
+    loop: asyncio.AbstractEventLoop
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+class AsyncEngine:
+    def __init__(self, core: EngineCore, name: str = "engine") -> None:
+        self.core = core
+        self._inbox: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
+        self._streams: dict[str, _Add] = {}
+        self._stats = core.stats()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    @property
+    def stats(self) -> EngineStats:
+        """Engine counters as of the last step (read without locking the engine)."""
+        return self._stats
+
+    @property
+    def num_active(self) -> int:
+        return len(self._streams)
+
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[EngineOutput]:
+        """Stream outputs for one request. Closing the iterator early aborts it and frees its KV."""
+        if self._stopped:
+            raise TandemError("the engine is stopped")
+        sink: asyncio.Queue[EngineOutput | BaseException] = asyncio.Queue()
+        self._inbox.put(_Add(req, sink, asyncio.get_running_loop()))
+        finished = False
+        try:
+            while True:
+                item = await sink.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item.finish_reason is not None:
+                    finished = True
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self._inbox.put(_Abort(req.request_id))
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(_Abort(request_id))
+
+    def shutdown(self) -> None:
+        self._stopped = True
+        self._inbox.put(None)
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        core = self.core
+        while True:
+            block = not core.has_unfinished()
+            try:
+                while True:
+                    msg = self._inbox.get(block=block)
+                    block = False
+                    if msg is None:
+                        self._fail_all(TandemError("the engine stopped"))
+                        return
+                    self._handle(msg)
+            except queue.Empty:
+                pass
+            if not core.has_unfinished():
+                continue
+            try:
+                outputs = core.step()
+            except Exception as e:  # an executor bug must not leave clients hanging
+                log.exception("engine step failed")
+                self._fail_all(TandemError(f"engine step failed: {e}"))
+                continue
+            self._stats = core.stats()
+            self._deliver(outputs)
+
+    def _handle(self, msg: _Add | _Abort) -> None:
+        if isinstance(msg, _Abort):
+            self.core.abort(msg.request_id)
+            return
+        req = msg.req
+        try:
+            self.core.add_request(
+                req.prompt_token_ids,
+                sampling_from_spec(req.sampling),
+                request_id=req.request_id,
+                kv_transfer_params=req.kv_transfer_params,
+            )
+        except TandemError as e:
+            msg.loop.call_soon_threadsafe(msg.sink.put_nowait, e)
+            return
+        self._streams[req.request_id] = msg
+
+    def _deliver(self, outputs: list[EngineOutput]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, EngineOutput]]] = {}
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue
+            if out.finish_reason is not None:
+                del self._streams[out.request_id]
+            by_loop.setdefault(stream.loop, []).append((stream.sink, out))
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, items)
+
+    def _fail_all(self, err: BaseException) -> None:
+        for rid, stream in list(self._streams.items()):
+            self.core.abort(rid)
+            stream.loop.call_soon_threadsafe(stream.sink.put_nowait, err)
+        self._streams.clear()
+
+
+def _put_all(items: list[tuple[asyncio.Queue, EngineOutput]]) -> None:
+    for sink, out in items:
+        sink.put_nowait(out)

@@ -1,0 +1,76 @@
+"""Simulated executor: the real scheduler and KV manager, with a timing model instead of tensors.
+
+Each step lasts `timing.step_ms(shape) / speedup` on the given clock: a real clock sleeps (serving
+tests, overhead benchmarks), a virtual clock jumps (trace replay at data-centre scale). Sampled tokens
+are deterministic pseudo-random ids that never hit an end-of-sequence id, so lengths follow
+`max_tokens` as in a benchmark with `ignore_eos`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from tandem.engine.config import EngineConfig
+from tandem.engine.executor import ExecutorOutput, SchedulerOutput
+from tandem.engines.sim.clock import Clock, RealClock
+from tandem.engines.sim.timing import PolynomialTiming, StepShape, TimingModel
+
+DEFAULT_NUM_BLOCKS = 16384
+DEFAULT_VOCAB = 32000
+
+
+class SimExecutor:
+    def __init__(
+        self,
+        model_dir: str | Path | None,
+        config: EngineConfig,
+        *,
+        timing: TimingModel | None = None,
+        clock: Clock | None = None,
+        speedup: float = 1.0,
+    ) -> None:
+        if speedup <= 0:
+            raise ValueError(f"speedup must be > 0, got {speedup}")
+        model_cfg: dict = {}
+        if model_dir is not None:
+            cfg_path = Path(model_dir) / "config.json"
+            if cfg_path.is_file():
+                model_cfg = json.loads(cfg_path.read_text())
+        self.num_blocks = config.num_blocks or DEFAULT_NUM_BLOCKS
+        self.max_model_len = config.max_model_len or int(model_cfg.get("max_position_embeddings", 1 << 20))
+        eos = model_cfg.get("eos_token_id", ())
+        self.eos_token_ids: tuple[int, ...] = tuple(eos) if isinstance(eos, list) else (eos,) if eos else ()
+        self.vocab_size = int(model_cfg.get("vocab_size", DEFAULT_VOCAB))
+        self.timing = timing or PolynomialTiming()
+        self.clock = clock or RealClock()
+        self.speedup = speedup
+
+    def execute(self, out: SchedulerOutput) -> ExecutorOutput:
+        started = time.perf_counter()
+        prefill_tokens = 0
+        decodes = 0
+        sampled: dict[str, tuple[int, float | None]] = {}
+        for item in out.scheduled:
+            req = item.request
+            if item.start >= req.num_prompt_tokens and item.num_new_tokens == 1:
+                decodes += 1
+            else:
+                prefill_tokens += item.num_new_tokens
+            if item.samples:
+                sampled[req.request_id] = (self._token(req.num_tokens, req.prompt_token_ids[0]), None)
+        ms = self.timing.step_ms(StepShape(prefill_tokens, decodes, out.kv_usage))
+        seconds = ms / 1000.0 / self.speedup
+        if isinstance(self.clock, RealClock):
+            self.clock.wait(seconds - (time.perf_counter() - started))
+        else:
+            self.clock.wait(seconds)
+        return ExecutorOutput(sampled=sampled, step_seconds=seconds)
+
+    def _token(self, position: int, salt: int) -> int:
+        # A cheap deterministic mix; skip EOS ids so only max_tokens ends a simulated request.
+        t = (position * 2654435761 + salt * 40503) % self.vocab_size
+        while t in self.eos_token_ids:
+            t = (t + 1) % self.vocab_size
+        return t
