@@ -20,6 +20,9 @@ class ScheduledRequest:
     """Tokens whose KV this step computes, starting at position `start`."""
     start: int
     """`request.num_computed_tokens` when the step was scheduled (prefix hits and loads included)."""
+    block_ids: list[int] = field(default_factory=list)
+    """The request's KV blocks, covering at least positions [0, start + num_new_tokens). The
+    scheduler passes the KV manager's live list: read it during the step, do not keep it."""
 
     @property
     def samples(self) -> bool:

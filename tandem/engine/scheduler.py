@@ -92,7 +92,9 @@ class Scheduler:
                 if victim is req:
                     break
             else:
-                out.scheduled.append(ScheduledRequest(req, n, req.num_computed_tokens))
+                out.scheduled.append(
+                    ScheduledRequest(req, n, req.num_computed_tokens, self.kv.block_ids(req.request_id))
+                )
                 budget -= n
                 i += 1
 
@@ -141,7 +143,9 @@ class Scheduler:
                 continue
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            out.scheduled.append(ScheduledRequest(req, n, req.num_computed_tokens))
+            out.scheduled.append(
+                ScheduledRequest(req, n, req.num_computed_tokens, self.kv.block_ids(req.request_id))
+            )
             budget -= n
         return budget
 
