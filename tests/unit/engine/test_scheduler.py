@@ -1,0 +1,223 @@
+from __future__ import annotations
+
+import pytest
+
+from tandem.engine.config import EngineConfig
+from tandem.engine.connector import ExternalMatch, FinishedTransfers, KVConnectorScheduler, KVConnectorWorker
+from tandem.engine.core import EngineCore
+from tandem.engine.request import Request, SamplingParams
+from tandem.protocol.errors import InvalidRequestError
+from tandem.protocol.kv_events import BlockRemoved, BlockStored
+from tests.unit.engine.fakes import FakeExecutor
+
+GREEDY = SamplingParams(max_tokens=8, temperature=0.0)
+
+
+def make_core(num_blocks=64, **cfg) -> tuple[EngineCore, FakeExecutor, list]:
+    events: list = []
+    ex = FakeExecutor(num_blocks)
+    core = EngineCore(EngineConfig(block_size=4, **cfg), ex, event_sink=events.extend)
+    return core, ex, events
+
+
+def run(core: EngineCore, max_steps: int = 10_000) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for _ in range(max_steps):
+        if not core.has_unfinished():
+            return out
+        for o in core.step():
+            out.setdefault(o.request_id, []).extend(o.new_token_ids)
+    raise AssertionError("engine did not finish")
+
+
+def test_continuous_batching_runs_all_requests_to_max_tokens():
+    core, _, _ = make_core()
+    for i in range(5):
+        core.add_request(list(range(1, 10 + i)), GREEDY, request_id=f"r{i}")
+    out = run(core)
+    assert {k: len(v) for k, v in out.items()} == {f"r{i}": 8 for i in range(5)}
+    assert core.kv.num_used_blocks == 0
+
+
+def test_chunked_prefill_splits_a_long_prompt_under_the_budget():
+    core, ex, _ = make_core(max_num_batched_tokens=16)
+    core.add_request(list(range(1, 51)), SamplingParams(max_tokens=2, temperature=0), request_id="a")
+    run(core)
+    sizes = [s.scheduled[0].num_new_tokens for s in ex.steps if s.scheduled]
+    assert sizes == [16, 16, 16, 2, 1], "50 prompt tokens in 16-token chunks, then one decode"
+
+
+def test_budget_is_shared_between_decodes_and_a_new_prefill():
+    core, ex, _ = make_core(max_num_batched_tokens=10)
+    core.add_request([1, 2, 3], SamplingParams(max_tokens=5, temperature=0), request_id="short")
+    core.step()
+    core.add_request(list(range(1, 40)), SamplingParams(max_tokens=1, temperature=0), request_id="long")
+    core.step()
+    step = ex.steps[-1]
+    assert [(s.request.request_id, s.num_new_tokens) for s in step.scheduled] == [("short", 1), ("long", 9)]
+
+
+def test_prefix_hit_skips_cached_tokens_but_leaves_the_last_token():
+    core, _, _ = make_core()
+    prompt = list(range(1, 18))  # 17 tokens: 4 full blocks of 4
+    core.add_request(prompt, GREEDY, request_id="first")
+    first = run(core)
+    core.add_request(prompt, GREEDY, request_id="again")
+    core.add_request(prompt[:16], GREEDY, request_id="exact-blocks")
+    outs: list = []
+    while core.has_unfinished():
+        outs.extend(core.step())
+    cached = {o.request_id: o.num_cached_tokens for o in outs}
+    assert cached["again"] == 16
+    assert cached["exact-blocks"] == 12, "a fully cached prompt still computes its last block"
+    again = [t for o in outs if o.request_id == "again" for t in o.new_token_ids]
+    assert again == first["first"], "a prefix hit must not change the output"
+
+
+def test_preemption_recomputes_and_loses_nothing():
+    prompts = [list(range(i, i + 11)) for i in range(1, 7)]
+    sp = SamplingParams(max_tokens=20, temperature=0.0)
+    roomy, _, _ = make_core(num_blocks=128)
+    for i, p in enumerate(prompts):
+        roomy.add_request(p, sp, request_id=f"r{i}")
+    expected = run(roomy)
+
+    tight, _, _ = make_core(num_blocks=12)
+    for i, p in enumerate(prompts):
+        tight.add_request(p, sp, request_id=f"r{i}")
+    got = run(tight)
+    assert tight.scheduler.num_preemptions > 0
+    assert got == expected
+    assert tight.kv.num_used_blocks == 0
+
+
+def test_max_num_seqs_caps_the_running_set():
+    core, ex, _ = make_core(max_num_seqs=2)
+    for i in range(4):
+        core.add_request([1, 2, 3, i + 4], GREEDY, request_id=f"r{i}")
+    run(core)
+    assert max(len(s.scheduled) for s in ex.steps) == 2
+
+
+def test_fcfs_admission_order():
+    core, ex, _ = make_core(max_num_seqs=1)
+    for i in range(3):
+        core.add_request([i + 1] * 5, SamplingParams(max_tokens=1, temperature=0), request_id=f"r{i}")
+    run(core)
+    order = [s.scheduled[0].request.request_id for s in ex.steps if s.scheduled]
+    assert order == ["r0", "r1", "r2"]
+
+
+def test_stop_on_eos_stop_ids_and_context_length():
+    core, ex, _ = make_core()
+    ex.eos_token_ids = ()
+    req = core.add_request([1, 2, 3], SamplingParams(max_tokens=50, temperature=0), request_id="x")
+    out = run(core)
+    assert len(out["x"]) == 50 and req.finish_reason == "length"
+
+    core2, _, _ = make_core()
+    probe = run_first_token([1, 2, 3])
+    req2 = core2.add_request(
+        [1, 2, 3], SamplingParams(max_tokens=50, stop_token_ids=(probe,)), request_id="y"
+    )
+    out2 = run(core2)
+    assert out2["y"] == [probe] and req2.finish_reason == "stop" and req2.stop_reason == probe
+
+    ex3 = FakeExecutor(64, max_model_len=10)
+    core3 = EngineCore(EngineConfig(block_size=4), ex3)
+    req3 = core3.add_request([1, 2, 3, 4, 5, 6], SamplingParams(max_tokens=50))
+    run(core3)
+    assert req3.num_tokens == 10 and req3.finish_reason == "length"
+
+
+def run_first_token(prompt: list[int]) -> int:
+    core, _, _ = make_core()
+    core.add_request(prompt, SamplingParams(max_tokens=1, temperature=0), request_id="p")
+    return run(core)["p"][0]
+
+
+def test_abort_frees_blocks_and_reports_abort():
+    core, _, _ = make_core()
+    core.add_request(list(range(1, 30)), SamplingParams(max_tokens=100), request_id="a")
+    core.step()
+    assert core.kv.num_used_blocks > 0
+    assert core.abort("a")
+    outs = core.step()
+    assert [(o.request_id, o.finish_reason) for o in outs] == [("a", "abort")]
+    assert core.kv.num_used_blocks == 0 and not core.has_unfinished()
+    assert not core.abort("a")
+
+
+def test_events_stored_then_removed_in_order():
+    core, _, events = make_core(num_blocks=4)
+    core.add_request(list(range(1, 10)), SamplingParams(max_tokens=1), request_id="a")
+    run(core)
+    core.add_request(list(range(100, 113)), SamplingParams(max_tokens=1), request_id="b")
+    run(core)
+    ids = [e.event_id for e in events]
+    assert ids == list(range(len(ids)))
+    kinds = [type(e) for e in events]
+    assert kinds[0] is BlockStored and BlockRemoved in kinds
+    first_stored = events[0]
+    assert first_stored.parent_hash is None and len(first_stored.block_hashes) == 2
+    removed = {h for e in events if isinstance(e, BlockRemoved) for h in e.block_hashes}
+    assert removed <= set(first_stored.block_hashes)
+
+
+def test_bad_requests_are_refused_with_clear_messages():
+    core, _, _ = make_core()
+    with pytest.raises(InvalidRequestError, match="empty"):
+        core.add_request([], GREEDY)
+    small = EngineCore(EngineConfig(block_size=4), FakeExecutor(64, max_model_len=8))
+    with pytest.raises(InvalidRequestError, match="8 tokens but the context length is 8"):
+        small.add_request(list(range(8)), GREEDY)
+    with pytest.raises(InvalidRequestError, match=r"\[0, 1000\)"):
+        core.add_request([5, 5000], GREEDY)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
+
+
+class _PeerConnector(KVConnectorScheduler, KVConnectorWorker):
+    """Claims a request's first `n` tokens come from a peer and holds finished blocks for one step."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.allocated: dict[str, tuple[list[int], int]] = {}
+        self.pending_send: set[str] = set()
+
+    def get_num_new_matched_tokens(self, request: Request, num_local_tokens: int) -> ExternalMatch:
+        return ExternalMatch(num_tokens=max(0, self.n - num_local_tokens))
+
+    def update_state_after_alloc(self, request, block_ids, num_external_tokens):
+        self.allocated[request.request_id] = (list(block_ids), num_external_tokens)
+
+    def build_meta(self):
+        return dict(self.allocated)
+
+    def request_finished(self, request, block_ids):
+        self.pending_send.add(request.request_id)
+        return True, {"blocks": list(block_ids)}
+
+    def start_load_kv(self, meta) -> None:
+        pass
+
+    def save_kv(self, meta) -> None:
+        pass
+
+    def get_finished(self) -> FinishedTransfers:
+        done, self.pending_send = self.pending_send, set()
+        return FinishedTransfers(sending=done)
+
+
+def test_connector_supplies_leading_tokens_and_holds_blocks_for_a_peer():
+    conn = _PeerConnector(n=8)
+    ex = FakeExecutor(64)
+    core = EngineCore(EngineConfig(block_size=4), ex, connector=(conn, conn))
+    req = core.add_request(list(range(1, 13)), SamplingParams(max_tokens=1), request_id="d")
+    outs = core.step()
+    first = ex.steps[0].scheduled[0]
+    assert (first.start, first.num_new_tokens) == (8, 4), "the 8 external tokens are not recomputed"
+    assert req.num_cached_tokens == 8
+    assert conn.allocated["d"][1] == 8
+    assert outs[0].kv_transfer_params == {"blocks": conn.allocated["d"][0]}
+    assert core.kv.num_used_blocks == 0, "the peer reported the blocks read, so they are free"
