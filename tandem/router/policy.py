@@ -1,0 +1,110 @@
+"""Routing policies as pure functions: candidates and their state in, a worker id out. No I/O.
+
+KV-aware cost of sending a request of `n` blocks to worker w (lower is better):
+
+    cost(w) = overlap_weight * (n - overlap(w))          prefill blocks left after the cache hit
+            + active_blocks(w)                           decode load: KV blocks of running requests
+            + queued_prefill_tokens(w) / block_size      prefill work already waiting there
+
+temperature 0 picks the argmin (ties: least loaded, then the id); temperature > 0 samples from
+softmax(-cost / (temperature * scale)) so hot prefixes spread once their holder is loaded enough.
+The simulator and the HTTP router call the same functions.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class WorkerLoad:
+    worker_id: str
+    active_blocks: int = 0
+    """KV blocks held by requests running (or routed and not finished) on the worker."""
+    queued_prefill_tokens: int = 0
+    """Prompt tokens routed to the worker whose prefill has not finished."""
+    active_requests: int = 0
+    capacity_blocks: int = 0
+    """Total KV blocks of the worker (0: unknown)."""
+
+
+@dataclass(frozen=True)
+class KvPolicyConfig:
+    overlap_weight: float = 1.0
+    """Weight of prefill work against decode load; higher favours cache hits over balance."""
+    temperature: float = 0.0
+    """0: deterministic argmin. > 0: softmax sampling over normalised costs."""
+    busy_threshold: float | None = None
+    """Active blocks / capacity above which a worker takes no new request (None: never busy)."""
+
+    def __post_init__(self) -> None:
+        if self.overlap_weight < 0:
+            raise ValueError("overlap_weight must be >= 0")
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if self.busy_threshold is not None and not 0 < self.busy_threshold:
+            raise ValueError("busy_threshold must be > 0")
+
+
+def kv_costs(
+    num_request_blocks: int,
+    overlaps: Mapping[str, int],
+    loads: Sequence[WorkerLoad],
+    block_size: int,
+    config: KvPolicyConfig,
+) -> dict[str, float]:
+    costs = {}
+    for load in loads:
+        prefill_blocks = num_request_blocks - min(overlaps.get(load.worker_id, 0), num_request_blocks)
+        costs[load.worker_id] = (
+            config.overlap_weight * prefill_blocks
+            + load.active_blocks
+            + load.queued_prefill_tokens / block_size
+        )
+    return costs
+
+
+def available(loads: Sequence[WorkerLoad], busy_threshold: float | None) -> list[WorkerLoad]:
+    """Workers under the busy threshold. Empty means shed the request (503) or queue it."""
+    if busy_threshold is None:
+        return list(loads)
+    return [
+        w for w in loads if w.capacity_blocks <= 0 or w.active_blocks / w.capacity_blocks < busy_threshold
+    ]
+
+
+def pick_kv(
+    num_request_blocks: int,
+    overlaps: Mapping[str, int],
+    loads: Sequence[WorkerLoad],
+    block_size: int,
+    config: KvPolicyConfig,
+    rng: random.Random | None = None,
+) -> str | None:
+    """The KV-aware choice, or None when every worker is past the busy threshold."""
+    candidates = available(loads, config.busy_threshold)
+    if not candidates:
+        return None
+    costs = kv_costs(num_request_blocks, overlaps, candidates, block_size, config)
+    if config.temperature <= 0 or len(candidates) == 1:
+        best = min(candidates, key=lambda w: (costs[w.worker_id], w.active_blocks, w.worker_id))
+        return best.worker_id
+    lo = min(costs.values())
+    spread = max(max(costs.values()) - lo, 1.0)
+    weights = [math.exp(-(costs[w.worker_id] - lo) / (spread * config.temperature)) for w in candidates]
+    return (rng or random).choices([w.worker_id for w in candidates], weights=weights)[0]
+
+
+def pick_round_robin(loads: Sequence[WorkerLoad], counter: int) -> str:
+    return loads[counter % len(loads)].worker_id
+
+
+def pick_least_loaded(loads: Sequence[WorkerLoad]) -> str:
+    return min(loads, key=lambda w: (w.active_requests, w.active_blocks, w.worker_id)).worker_id
+
+
+def pick_random(loads: Sequence[WorkerLoad], rng: random.Random | None = None) -> str:
+    return (rng or random).choice(loads).worker_id

@@ -1,0 +1,52 @@
+import random
+
+import pytest
+
+from tandem.router.policy import KvPolicyConfig, WorkerLoad, kv_costs, pick_kv, pick_least_loaded
+
+CFG = KvPolicyConfig()
+
+
+@pytest.mark.parametrize(
+    ("overlaps", "loads", "expected"),
+    [
+        # Same load: the worker with the prefix wins.
+        ({"a": 8}, [WorkerLoad("a", 10), WorkerLoad("b", 10)], "a"),
+        # The holder is so loaded that recomputing elsewhere is cheaper (8 blocks < 50 - 10 load).
+        ({"a": 8}, [WorkerLoad("a", 50), WorkerLoad("b", 10)], "b"),
+        # No overlap anywhere: least decode load.
+        ({}, [WorkerLoad("a", 5), WorkerLoad("b", 3)], "b"),
+        # Queued prefill tokens count as load (64 tokens = 4 blocks of 16).
+        ({}, [WorkerLoad("a", 0, queued_prefill_tokens=64), WorkerLoad("b", 3)], "b"),
+        # Equal cost: fewer active blocks, then id.
+        ({"a": 2}, [WorkerLoad("a", 4), WorkerLoad("b", 2)], "b"),
+    ],
+)
+def test_argmin_table(overlaps, loads, expected):
+    assert pick_kv(10, overlaps, loads, 16, CFG) == expected
+
+
+def test_cost_formula():
+    costs = kv_costs(
+        10, {"a": 4}, [WorkerLoad("a", 7, queued_prefill_tokens=32)], 16, KvPolicyConfig(overlap_weight=2.0)
+    )
+    assert costs == {"a": 2.0 * 6 + 7 + 2}
+
+
+def test_busy_threshold_sheds_load():
+    cfg = KvPolicyConfig(busy_threshold=0.9)
+    loads = [WorkerLoad("a", 95, capacity_blocks=100), WorkerLoad("b", 50, capacity_blocks=100)]
+    assert pick_kv(4, {"a": 4}, loads, 16, cfg) == "b"
+    assert pick_kv(4, {}, loads[:1], 16, cfg) is None
+
+
+def test_temperature_spreads_choices():
+    loads = [WorkerLoad("a", 10), WorkerLoad("b", 12)]
+    rng = random.Random(0)
+    picks = {pick_kv(4, {}, loads, 16, KvPolicyConfig(temperature=1.0), rng) for _ in range(200)}
+    assert picks == {"a", "b"}
+    assert {pick_kv(4, {}, loads, 16, CFG) for _ in range(20)} == {"a"}
+
+
+def test_least_loaded():
+    assert pick_least_loaded([WorkerLoad("a", active_requests=3), WorkerLoad("b", active_requests=1)]) == "b"
