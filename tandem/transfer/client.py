@@ -1,0 +1,92 @@
+"""Block reader: the decode side of KV transfer. Copies a peer's held blocks into local blocks."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+import torch
+
+from tandem.protocol.errors import TransferFailedError
+from tandem.transfer.layout import KvLayout
+from tandem.transfer.server import MAX_CHUNK_BYTES
+from tandem.transfer.shm import copy_blocks, open_shared
+from tandem.transfer.wire import Done, ReadBlocks, ReadReply, pack, read_message
+
+log = logging.getLogger(__name__)
+
+
+class BlockReader:
+    """Reads held blocks from peers into `kv`. Keeps peers' shared-memory caches mapped."""
+
+    def __init__(self, kv: torch.Tensor, layout: KvLayout, *, prefer_shm: bool = True) -> None:
+        self.kv = kv
+        self.layout = layout
+        self.prefer_shm = prefer_shm
+        self._mapped: dict[str, torch.Tensor] = {}
+        self.bytes_received = 0
+
+    async def read(
+        self,
+        address: str,
+        handle: str,
+        dst_block_ids: list[int],
+        *,
+        first_block: int = 0,
+        timeout_s: float = 30.0,
+    ) -> str:
+        """Copy the blocks held under `handle` at `address` (minus the first `first_block`) into
+        `dst_block_ids`. Returns the path taken ("shm" or "tcp"). Raises TransferFailedError."""
+        try:
+            return await asyncio.wait_for(self._read(address, handle, dst_block_ids, first_block), timeout_s)
+        except TransferFailedError:
+            raise
+        except (OSError, asyncio.IncompleteReadError, TimeoutError) as e:
+            raise TransferFailedError(f"reading KV {handle} from {address} failed: {e!r}") from e
+
+    async def _read(self, address: str, handle: str, dst_ids: list[int], first_block: int) -> str:
+        host, port = address.rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            via = "shm" if self.prefer_shm and self.kv.device.type == "cpu" else "tcp"
+            writer.write(pack(ReadBlocks(handle, self.layout, first_block, via)))
+            reply = await read_message(reader)
+            if not isinstance(reply, ReadReply):
+                raise TransferFailedError(f"unexpected transfer message {type(reply).__name__}")
+            if not reply.ok:
+                raise TransferFailedError(reply.error)
+            if reply.num_blocks != len(dst_ids):
+                raise TransferFailedError(f"peer holds {reply.num_blocks} blocks, {len(dst_ids)} expected")
+            if reply.shm_path and os.path.exists(reply.shm_path):
+                src = self._map(reply.shm_path, tuple(reply.shape))
+                copy_blocks(src, reply.src_block_ids, self.kv, dst_ids)
+                path = "shm"
+            else:
+                await self._recv_blocks(reader, dst_ids)
+                path = "tcp"
+            writer.write(pack(Done(handle)))
+            await writer.drain()
+            return path
+        finally:
+            writer.close()
+
+    def _map(self, path: str, shape: tuple[int, ...]) -> torch.Tensor:
+        src = self._mapped.get(path)
+        if src is None:
+            src = self._mapped[path] = open_shared(path, shape, self.layout.torch_dtype)
+        return src
+
+    async def _recv_blocks(self, reader: asyncio.StreamReader, dst_ids: list[int]) -> None:
+        block_bytes = self.layout.layer_block_bytes
+        per_chunk = max(1, MAX_CHUNK_BYTES // block_bytes)
+        shape = self.layout.layer_block_shape
+        dtype = self.layout.torch_dtype
+        index_all = torch.tensor(dst_ids, dtype=torch.long, device=self.kv.device)
+        for layer in range(self.layout.num_layers):
+            for start in range(0, len(dst_ids), per_chunk):
+                idx = index_all[start : start + per_chunk]
+                raw = await reader.readexactly(len(idx) * block_bytes)
+                self.bytes_received += len(raw)
+                part = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype).view(len(idx), *shape)
+                self.kv[layer].index_copy_(0, idx, part.to(self.kv.device))

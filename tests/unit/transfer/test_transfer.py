@@ -1,0 +1,97 @@
+import asyncio
+
+import pytest
+import torch
+
+from tandem.protocol.errors import TransferFailedError
+from tandem.transfer.client import BlockReader
+from tandem.transfer.layout import KvLayout
+from tandem.transfer.server import BlockServer
+from tandem.transfer.shm import SharedKvCache, copy_blocks
+
+SHAPE = (3, 16, 2, 4, 2, 8)  # layers, blocks, K/V, block size, kv heads, head dim
+
+
+async def eventually(cond, timeout=5.0):
+    for _ in range(int(timeout / 0.01)):
+        if cond():
+            return True
+        await asyncio.sleep(0.01)
+    return False
+
+
+def filled(shape=SHAPE, dtype=torch.bfloat16) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dtype)
+
+
+@pytest.mark.parametrize("via", ["tcp", "shm"])
+async def test_blocks_arrive_identical_and_the_hold_is_released(via):
+    shared = SharedKvCache(SHAPE, torch.bfloat16) if via == "shm" else None
+    src = shared.tensor if shared else torch.empty(SHAPE, dtype=torch.bfloat16)
+    src.copy_(filled())
+    released: list[str] = []
+    layout = KvLayout.of(src, model="m")
+    server = BlockServer(src, layout, released.append, shm_path=str(shared.path) if shared else "")
+    addr = await server.start()
+    try:
+        dst = torch.zeros(SHAPE, dtype=torch.bfloat16)
+        server.hold("req-1", [3, 4, 5, 9])
+        reader = BlockReader(dst, KvLayout.of(dst, model="m"))
+        path = await reader.read(addr, "req-1", [0, 1, 7, 8], first_block=0)
+        assert path == via
+        assert torch.equal(dst[:, [0, 1, 7, 8]], src[:, [3, 4, 5, 9]])
+        assert dst[:, 2].abs().sum() == 0, "only the destination blocks are written"
+        assert await eventually(lambda: released == ["req-1"]), "Done releases the hold"
+        assert server.num_held == 0
+        # Skipping blocks the reader already has.
+        server.hold("req-2", [10, 11, 12])
+        await reader.read(addr, "req-2", [13], first_block=2)
+        assert torch.equal(dst[:, 13], src[:, 12])
+    finally:
+        await server.stop()
+        if shared:
+            shared.close()
+
+
+async def test_mismatched_layout_is_a_clear_error_and_keeps_the_hold():
+    src = filled()
+    server = BlockServer(src, KvLayout.of(src, model="m"), lambda h: None)
+    addr = await server.start()
+    try:
+        server.hold("h", [1])
+        dst = torch.zeros((3, 16, 2, 8, 2, 8), dtype=torch.float32)
+        with pytest.raises(TransferFailedError, match=r"block_size: 4 there vs 8 here.*dtype"):
+            await BlockReader(dst, KvLayout.of(dst, model="m")).read(addr, "h", [0])
+        assert server.num_held == 1
+        with pytest.raises(TransferFailedError, match="no KV held"):
+            await BlockReader(src.clone(), KvLayout.of(src, model="m")).read(addr, "nope", [0])
+    finally:
+        await server.stop()
+
+
+async def test_unread_hold_expires():
+    src = filled()
+    released: list[str] = []
+    server = BlockServer(src, KvLayout.of(src), released.append, hold_timeout_s=0.05)
+    await server.start()
+    try:
+        server.hold("h", [1, 2])
+        for _ in range(40):
+            if released:
+                break
+            await asyncio.sleep(0.1)
+        assert released == ["h"] and server.num_expired == 1
+    finally:
+        await server.stop()
+
+
+async def test_dead_peer_is_a_transfer_error():
+    dst = filled()
+    with pytest.raises(TransferFailedError):
+        await BlockReader(dst, KvLayout.of(dst)).read("127.0.0.1:1", "h", [0], timeout_s=2)
+
+
+def test_copy_blocks_handles_runs_and_scatter():
+    src, dst = filled(), torch.zeros(SHAPE, dtype=torch.bfloat16)
+    copy_blocks(src, [0, 1, 2, 7, 9], dst, [4, 5, 6, 0, 1])
+    assert torch.equal(dst[:, [4, 5, 6, 0, 1]], src[:, [0, 1, 2, 7, 9]])
