@@ -1,0 +1,186 @@
+"""The Llama-family decoder (Llama 2/3, Mistral, SmolLM2, Qwen2/2.5, Qwen3), written with plain tensors.
+
+Contract: `DecoderModel.load(model_dir, dtype, device)` reads a checkpoint through `loader`, and
+`forward(input_ids, positions, attn, kv_caches, logits_rows)` runs one flattened step and returns
+logits only for the rows asked for. The maths follows Hugging Face's modelling code (RMSNorm in
+fp32, rotate-half RoPE, SwiGLU, GQA) so fp32 logits match it to rounding; no transformers code runs.
+
+To cut per-layer Python and kernel overhead the loader fuses q/k/v into one matrix and gate/up into
+another: a layer is two norms, four matmuls, RoPE and one attention call.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from tandem.engines.builtin.attention import AttentionMetadata, paged_attention
+from tandem.engines.builtin.loader import ModelConfig, TensorSource, load_config, open_safetensors
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor  # [hidden]
+    qkv: torch.Tensor  # [(Hq + 2 * Hkv) * D, hidden]: q rows, then k rows, then v rows
+    qkv_bias: torch.Tensor | None  # [(Hq + 2 * Hkv) * D]
+    o: torch.Tensor  # [hidden, Hq * D]
+    o_bias: torch.Tensor | None  # [hidden]
+    q_norm: torch.Tensor | None  # [D] (Qwen3)
+    k_norm: torch.Tensor | None  # [D] (Qwen3)
+    post_norm: torch.Tensor  # [hidden]
+    gate_up: torch.Tensor  # [2 * intermediate, hidden]: gate rows, then up rows
+    gate_up_bias: torch.Tensor | None
+    down: torch.Tensor  # [hidden, intermediate]
+    down_bias: torch.Tensor | None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Like HF: normalise in fp32, cast back, then scale (the order matters for bf16 parity).
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def rope_tables(cfg: ModelConfig, max_len: int, dtype: torch.dtype, device: torch.device):
+    """cos, sin: [max_len, head_dim] each, computed in fp32 and cast once (as HF does per step)."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = cfg.rope_scaling or {}
+    if scaling.get("rope_type") == "linear":
+        inv_freq = inv_freq / float(scaling["factor"])
+    elif scaling.get("rope_type") == "llama3":
+        inv_freq = _llama3_inv_freq(inv_freq, scaling)
+    t = torch.arange(max_len, dtype=torch.float32)
+    freqs = torch.outer(t, inv_freq)  # [max_len, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # rotate-half layout: [f0..f(D/2-1), f0..f(D/2-1)]
+    return emb.cos().to(device=device, dtype=dtype), emb.sin().to(device=device, dtype=dtype)
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
+    # Llama 3.1: long wavelengths are divided by `factor`, short ones kept, the band between blended.
+    factor, low, high = float(s["factor"]), float(s["low_freq_factor"]), float(s["high_freq_factor"])
+    old_len = float(s["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(medium, blended, scaled)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, H, D]; cos, sin: [T, 1, D]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class DecoderModel:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        embed: torch.Tensor,
+        layers: list[LayerWeights],
+        norm: torch.Tensor,
+        lm_head: torch.Tensor,
+        max_len: int,
+    ) -> None:
+        self.cfg = cfg
+        self.embed = embed  # [vocab, hidden]
+        self.layers = layers
+        self.norm = norm  # [hidden]
+        self.lm_head = lm_head  # [vocab, hidden]; the same tensor as `embed` when tied
+        self.cos, self.sin = rope_tables(cfg, max_len, embed.dtype, embed.device)
+        self.q_size = cfg.num_heads * cfg.head_dim
+        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+
+    @classmethod
+    def load(
+        cls, model_dir: str | Path, dtype: torch.dtype, device: torch.device, max_len: int | None = None
+    ) -> DecoderModel:
+        cfg = load_config(model_dir)
+        with open_safetensors(model_dir) as src:
+            prefix = "model." if "model.embed_tokens.weight" in src else ""
+
+            def get(name: str) -> torch.Tensor:
+                return src.get(prefix + name, dtype, device)
+
+            embed = get("embed_tokens.weight")
+            layers = [
+                _load_layer(src, cfg, f"{prefix}layers.{i}.", dtype, device) for i in range(cfg.num_layers)
+            ]
+            norm = get("norm.weight")
+            if "lm_head.weight" in src:
+                lm_head = src.get("lm_head.weight", dtype, device)
+            elif cfg.tie_word_embeddings:
+                lm_head = embed
+            else:
+                lm_head = src.get("lm_head.weight", dtype, device)  # raises, naming the tensor
+        return cls(cfg, embed, layers, norm, lm_head, max_len or cfg.max_position_embeddings)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attn: AttentionMetadata,
+        kv_caches: list[torch.Tensor],
+        logits_rows: torch.Tensor,
+    ) -> torch.Tensor:
+        """input_ids, positions: [T]; kv_caches: one [num_blocks, 2, bs, Hkv, D] per layer;
+        logits_rows: [S] rows to compute logits for. Returns [S, vocab] logits."""
+        cfg = self.cfg
+        eps = cfg.rms_norm_eps
+        t = input_ids.shape[0]
+        cos = self.cos[positions].unsqueeze(1)  # [T, 1, D], shared by all layers and heads
+        sin = self.sin[positions].unsqueeze(1)
+        h = F.embedding(input_ids, self.embed)  # [T, hidden]
+        for w, kv_cache in zip(self.layers, kv_caches, strict=True):
+            x = rms_norm(h, w.input_norm, eps)
+            qkv = F.linear(x, w.qkv, w.qkv_bias)  # [T, (Hq + 2 Hkv) D]
+            q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
+            q = q.view(t, cfg.num_heads, cfg.head_dim)
+            k = k.view(t, cfg.num_kv_heads, cfg.head_dim)
+            v = v.view(t, cfg.num_kv_heads, cfg.head_dim)
+            if w.q_norm is not None and w.k_norm is not None:
+                q = rms_norm(q, w.q_norm, eps)
+                k = rms_norm(k, w.k_norm, eps)
+            q = apply_rope(q, cos, sin)
+            k = apply_rope(k, cos, sin)
+            o = paged_attention(q, k, v, kv_cache, attn)  # [T, Hq, D]
+            h = h + F.linear(o.reshape(t, self.q_size), w.o, w.o_bias)
+            x = rms_norm(h, w.post_norm, eps)
+            gate, up = F.linear(x, w.gate_up, w.gate_up_bias).chunk(2, dim=-1)
+            h = h + F.linear(F.silu(gate) * up, w.down, w.down_bias)
+        h = rms_norm(h[logits_rows], self.norm, eps)  # only the rows that sample need the head
+        return F.linear(h, self.lm_head)
+
+
+def _load_layer(
+    src: TensorSource, cfg: ModelConfig, p: str, dtype: torch.dtype, device: torch.device
+) -> LayerWeights:
+    def get(name: str) -> torch.Tensor:
+        return src.get(p + name, dtype, device)
+
+    def fused(names: list[str]) -> torch.Tensor:
+        return torch.cat([get(n) for n in names], dim=0)
+
+    qkv_names = [f"self_attn.{x}_proj" for x in "qkv"]
+    mlp_names = ["mlp.gate_proj", "mlp.up_proj"]
+    return LayerWeights(
+        input_norm=get("input_layernorm.weight"),
+        qkv=fused([n + ".weight" for n in qkv_names]),
+        qkv_bias=fused([n + ".bias" for n in qkv_names]) if cfg.qkv_bias else None,
+        o=get("self_attn.o_proj.weight"),
+        o_bias=get("self_attn.o_proj.bias") if cfg.o_bias else None,
+        q_norm=get("self_attn.q_norm.weight") if cfg.qk_norm else None,
+        k_norm=get("self_attn.k_norm.weight") if cfg.qk_norm else None,
+        post_norm=get("post_attention_layernorm.weight"),
+        gate_up=fused([n + ".weight" for n in mlp_names]),
+        gate_up_bias=fused([n + ".bias" for n in mlp_names]) if cfg.mlp_bias else None,
+        down=get("mlp.down_proj.weight"),
+        down_bias=get("mlp.down_proj.bias") if cfg.mlp_bias else None,
+    )
