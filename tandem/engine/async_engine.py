@@ -136,6 +136,7 @@ class AsyncEngine:
                 sampling_from_spec(req.sampling),
                 request_id=req.request_id,
                 kv_transfer_params=req.kv_transfer_params,
+                output_token_ids=req.output_token_ids,
             )
         except TandemError as e:
             msg.loop.call_soon_threadsafe(msg.sink.put_nowait, e)

@@ -38,6 +38,8 @@ class FinishedTransfers:
     """Requests whose held blocks a peer has finished reading: free them now."""
     receiving: set[str] = field(default_factory=set)
     """Requests whose asynchronous load is complete: schedule them."""
+    failed: set[str] = field(default_factory=set)
+    """Requests whose asynchronous load failed: the engine computes their prompt itself."""
 
 
 class KVConnectorScheduler(ABC):

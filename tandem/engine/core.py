@@ -70,8 +70,14 @@ class EngineCore:
         sampling: SamplingParams,
         request_id: str | None = None,
         kv_transfer_params: dict[str, Any] | None = None,
+        output_token_ids: list[int] | None = None,
     ) -> Request:
-        """Queue a request. Raises InvalidRequestError if it can never run here."""
+        """Queue a request. Raises InvalidRequestError if it can never run here.
+
+        `output_token_ids` are tokens already generated elsewhere (a prefill worker's first token,
+        or a migrated request's tokens so far): the engine continues after them and does not emit
+        them again; they count towards `max_tokens`.
+        """
         if not prompt_token_ids:
             raise InvalidRequestError("the prompt is empty: at least one token is needed")
         if len(prompt_token_ids) >= self.max_model_len:
@@ -95,6 +101,13 @@ class EngineCore:
             block_size=self.config.block_size,
             kv_transfer_params=kv_transfer_params,
         )
+        for token in output_token_ids or ():
+            req.append_output(token, None)
+        if output_token_ids and req.num_tokens >= self.max_model_len:
+            raise InvalidRequestError(
+                f"the prompt and {len(output_token_ids)} generated tokens fill "
+                f"the context ({self.max_model_len} tokens)"
+            )
         self.scheduler.add(req)
         return req
 
@@ -114,7 +127,7 @@ class EngineCore:
         outputs = self.scheduler.update(sched, result)
         if self.connector_worker is not None:
             done = self.connector_worker.get_finished()
-            self.scheduler.process_finished_transfers(done.sending, done.receiving)
+            self.scheduler.process_finished_transfers(done.sending, done.receiving, done.failed)
         events = self.kv.take_events()
         if events and self.event_sink is not None:
             self.event_sink(events)

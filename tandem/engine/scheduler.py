@@ -186,7 +186,11 @@ class Scheduler:
             outputs.append(out)
         return outputs
 
-    def process_finished_transfers(self, sending: set[str], receiving: set[str]) -> None:
+    def process_finished_transfers(
+        self, sending: set[str], receiving: set[str], failed: set[str] | None = None
+    ) -> None:
+        """Free blocks peers have read; schedule requests whose KV arrived; and for loads that
+        failed, fall back to computing the prompt here (the request loses nothing but time)."""
         for rid in sending:
             req = self.held.pop(rid, None)
             if req is not None:
@@ -195,6 +199,18 @@ class Scheduler:
         for rid in receiving:
             req = self.waiting_for_kv.pop(rid, None)
             if req is not None:
+                req.status = RequestStatus.WAITING
+                self.waiting.appendleft(req)
+        for rid in failed or ():
+            req = self.waiting_for_kv.pop(rid, None)
+            if req is not None:
+                log.warning("KV load for %s failed; computing its prompt locally", rid)
+                self.kv.free(req)
+                self.prompt_tokens_total -= req.num_prompt_tokens
+                self.cached_tokens_total -= req.num_cached_tokens
+                req.num_cached_tokens = -1
+                req.num_computed_tokens = 0
+                req.kv_transfer_params = None
                 req.status = RequestStatus.WAITING
                 self.waiting.appendleft(req)
 

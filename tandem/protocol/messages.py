@@ -52,3 +52,6 @@ class GenerateRequest(msgspec.Struct, omit_defaults=True):
     """Disaggregation: on a prefill request, ask the worker to keep the KV for a peer; on a decode
     request, where to fetch the prompt's KV from."""
     annotations: dict[str, str] | None = None
+    output_token_ids: list[int] = msgspec.field(default_factory=list)
+    """Tokens already generated for this request elsewhere (a prefill worker's first token, or a
+    failed worker's tokens so far): generation continues after them; they are not emitted again."""
