@@ -1,0 +1,147 @@
+"""Request-plane server: serves calls from many multiplexed streams on persistent connections.
+
+A `Handler` turns one `Call` into an async iterator of results: `EngineOutput`s become `Tokens`
+frames (merged when the client lags), other results become `Reply` frames; when the iterator ends the
+stream gets `End`, when it raises a `TandemError` the stream gets `Fail` with the error's code.
+A `Cancel` frame, or the connection closing, cancels the stream's task: the handler's `finally`
+blocks run (a worker's handler aborts the engine request there, which frees its KV).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncGenerator, Callable
+from contextlib import aclosing
+from typing import Any
+
+from tandem.control.framing import MAX_FRAME_BYTES, FrameError, FrameWriter, read_frame, set_nodelay
+from tandem.protocol.errors import TandemError
+from tandem.protocol.messages import EngineOutput
+from tandem.protocol.rpc import Call, Cancel, End, Fail, Open, Ping, Pong, Reply, Tokens
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Call], AsyncGenerator[Any, None]]
+
+
+class RpcServer:
+    """Listens on host:port (port 0: the OS picks; read `port` after `start`)."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        max_frame_bytes: int = MAX_FRAME_BYTES,
+        name: str = "rpc",
+    ) -> None:
+        self.handler = handler
+        self.host = host
+        self.port = port
+        self.max_frame_bytes = max_frame_bytes
+        self.name = name
+        self._server: asyncio.Server | None = None
+        self._conns: set[_ServerConnection] = set()
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def num_streams(self) -> int:
+        return sum(len(c.tasks) for c in self._conns)
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._on_connect, self.host, self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        log.info("%s server listening on %s", self.name, self.address)
+
+    async def stop_listening(self) -> None:
+        """Refuse new connections; existing ones keep serving."""
+        if self._server is not None:
+            self._server.close()
+
+    async def close(self) -> None:
+        """Stop listening and close every connection (their streams are cancelled)."""
+        await self.stop_listening()
+        for conn in list(self._conns):
+            await conn.close()
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        set_nodelay(writer)
+        conn = _ServerConnection(self, reader, writer)
+        self._conns.add(conn)
+        try:
+            await conn.serve()
+        finally:
+            self._conns.discard(conn)
+
+
+class _ServerConnection:
+    def __init__(self, server: RpcServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.server = server
+        self.reader = reader
+        self.peer = writer.get_extra_info("peername")
+        self.out = FrameWriter(writer, max_frame_bytes=server.max_frame_bytes, on_error=self._on_write_error)
+        self.tasks: dict[int, asyncio.Task[None]] = {}
+
+    async def serve(self) -> None:
+        try:
+            while True:
+                frame = await read_frame(self.reader, self.server.max_frame_bytes)
+                if isinstance(frame, Open):
+                    if frame.sid in self.tasks:
+                        self.out.send(Fail(frame.sid, "invalid_request_error", "stream id already in use"))
+                        continue
+                    self.tasks[frame.sid] = asyncio.create_task(self._run_call(frame.sid, frame.call))
+                elif isinstance(frame, Cancel):
+                    task = self.tasks.pop(frame.sid, None)
+                    if task is not None:
+                        task.cancel()
+                elif isinstance(frame, Ping):
+                    self.out.send(Pong(frame.nonce))
+                else:
+                    raise FrameError(f"unexpected {type(frame).__name__} frame from a client")
+        except (asyncio.IncompleteReadError, ConnectionError) as e:
+            if isinstance(e, FrameError):
+                log.warning("%s: closing connection from %s: %s", self.server.name, self.peer, e)
+                self.out.send(Fail(0, "invalid_request_error", str(e)))
+        except asyncio.CancelledError:
+            pass
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        for task in self.tasks.values():
+            task.cancel()
+        self.tasks.clear()
+        await self.out.close()
+
+    def _on_write_error(self, e: BaseException) -> None:
+        log.info("%s: connection from %s lost on write: %s", self.server.name, self.peer, e)
+        for task in self.tasks.values():
+            task.cancel()
+
+    async def _run_call(self, sid: int, call: Call) -> None:
+        out = self.out
+        try:
+            async with aclosing(self.server.handler(call)) as items:
+                async for item in items:
+                    if isinstance(item, EngineOutput):
+                        out.send(Tokens(sid, item))
+                    else:
+                        out.send(Reply(sid, item))
+            out.send(End(sid))
+        except TandemError as e:
+            out.send(Fail(sid, e.code, str(e)))
+        except asyncio.CancelledError:
+            pass  # the client cancelled or left: it expects nothing more on this stream
+        except Exception as e:
+            log.exception("%s: call %s failed", self.server.name, type(call).__name__)
+            out.send(Fail(sid, "internal_error", f"{type(e).__name__}: {e}"))
+        finally:
+            self.tasks.pop(sid, None)

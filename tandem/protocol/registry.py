@@ -1,0 +1,67 @@
+"""What a worker tells the control plane about itself: identity, capacity, hardware, live load.
+
+One `WorkerInfo` per registered worker; the registry keys it by `worker_id` and keeps it only while
+the worker's lease is alive. `load` is refreshed by the worker (a few times a second at most), so it
+is an estimate: the router adds its own count of requests in flight.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+Role = Literal["agg", "prefill", "decode"]
+Status = Literal["ready", "draining"]
+
+
+class Hardware(msgspec.Struct, frozen=True, omit_defaults=True):
+    device: str = "cpu"
+    """Device type: "cpu", "cuda", "sim"."""
+    name: str = ""
+    """Model of the device, e.g. "NVIDIA H100 80GB HBM3"."""
+    count: int = 1
+    memory_bytes: int = 0
+    """Memory of one device."""
+
+
+class WorkerLoad(msgspec.Struct, frozen=True, omit_defaults=True):
+    active_requests: int = 0
+    """Requests the worker is serving (queued or running)."""
+    num_running: int = 0
+    num_waiting: int = 0
+    num_used_blocks: int = 0
+    kv_usage: float = 0.0
+    """Used / total KV blocks."""
+
+
+class WorkerInfo(msgspec.Struct, frozen=True, omit_defaults=True):
+    worker_id: str
+    address: str
+    """host:port of the worker's request-plane server."""
+    model: str
+    """Served model name (what requests put in `model`)."""
+    model_dir: str
+    role: Role = "agg"
+    block_size: int = 16
+    num_blocks: int = 0
+    """KV capacity in blocks."""
+    max_model_len: int = 0
+    hardware: Hardware = Hardware()
+    status: Status = "ready"
+    load: WorkerLoad = WorkerLoad()
+    engine: str = ""
+
+
+class WorkerStats(msgspec.Struct, frozen=True, tag="stats", array_like=True):
+    """A worker's answer to a `stats` call: its engine counters as of the last step."""
+
+    worker_id: str
+    status: Status
+    load: WorkerLoad
+    num_blocks: int = 0
+    num_free_blocks: int = 0
+    num_preemptions: int = 0
+    prompt_tokens_total: int = 0
+    cached_tokens_total: int = 0
+    num_steps: int = 0

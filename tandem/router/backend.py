@@ -1,0 +1,113 @@
+"""RouterBackend: the `Backend` the frontend calls in a deployment — discovery + policy + request plane.
+
+generate(): candidates = live, ready workers of the request's model -> policy picks one -> stream
+from it over a pooled connection. If the worker cannot take the request (unreachable, draining,
+overloaded) before any output arrived, the next candidate is tried; once output has flowed, a worker
+death surfaces as WorkerLostError (resuming on another worker is the fault-tolerance issue's job).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import AsyncIterator
+
+from tandem.control.discovery import Discovery
+from tandem.control.rpc_client import RpcClientPool
+from tandem.protocol.errors import ModelNotFoundError, OverloadedError, WorkerLostError
+from tandem.protocol.messages import EngineOutput, GenerateRequest
+from tandem.protocol.registry import WorkerInfo
+from tandem.protocol.rpc import GenerateCall
+from tandem.router.basic import Policy, make_policy
+from tandem.router.interface import ModelCard
+from tandem.router.policy import WorkerLoad
+
+log = logging.getLogger(__name__)
+
+
+class RouterBackend:
+    def __init__(
+        self,
+        discovery: Discovery,
+        policy: Policy | str = "round-robin",
+        pool: RpcClientPool | None = None,
+        *,
+        max_attempts: int = 3,
+    ) -> None:
+        self.discovery = discovery
+        self.policy = make_policy(policy) if isinstance(policy, str) else policy
+        self.pool = pool or RpcClientPool()
+        self.max_attempts = max_attempts
+        self.in_flight: Counter[str] = Counter()
+        self._cards: dict[str, ModelCard] = {}
+
+    def models(self) -> list[ModelCard]:
+        for w in self.discovery.snapshot():
+            if w.model not in self._cards:
+                self._cards[w.model] = ModelCard(
+                    name=w.model, model_dir=w.model_dir, max_model_len=w.max_model_len
+                )
+        return list(self._cards.values())
+
+    def is_ready(self, model: str) -> bool:
+        return bool(self._candidates(model))
+
+    def workers(self) -> list[WorkerInfo]:
+        return self.discovery.snapshot()
+
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[EngineOutput]:
+        tried: set[str] = set()
+        last_error: Exception | None = None
+        for _ in range(self.max_attempts):
+            candidates = [w for w in self._candidates(req.model) if w.worker_id not in tried]
+            if not candidates:
+                break
+            views = [self._view(w) for w in candidates]
+            chosen = self.policy.pick(req, views)
+            worker = next(w for w in candidates if w.worker_id == chosen)
+            tried.add(chosen)
+            started = False
+            self.in_flight[chosen] += 1
+            try:
+                stream = await self.pool.open(worker.address, GenerateCall(req))
+                async with stream:
+                    async for out in stream:
+                        started = True
+                        yield out
+                return
+            except (WorkerLostError, OverloadedError) as e:
+                if started:
+                    raise
+                log.warning(
+                    "request %s: worker %s refused or unreachable (%s); trying another",
+                    req.request_id,
+                    chosen,
+                    e,
+                )
+                last_error = e
+            finally:
+                self.in_flight[chosen] -= 1
+                if self.in_flight[chosen] <= 0:
+                    del self.in_flight[chosen]
+        if last_error is None and not self._known(req.model):
+            raise ModelNotFoundError(f"the model {req.model!r} does not exist")
+        raise OverloadedError(f"no live worker can serve {req.model!r} now") from last_error
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    def _candidates(self, model: str) -> list[WorkerInfo]:
+        return [w for w in self.discovery.snapshot() if w.model == model and w.status == "ready"]
+
+    def _known(self, model: str) -> bool:
+        return any(c.name == model for c in self.models())
+
+    def _view(self, w: WorkerInfo) -> WorkerLoad:
+        # Our in-flight count is exact and fresh; the worker's report is up to a second old but
+        # includes other routers' requests. The larger of the two is the better estimate.
+        return WorkerLoad(
+            worker_id=w.worker_id,
+            active_blocks=w.load.num_used_blocks,
+            active_requests=max(self.in_flight[w.worker_id], w.load.active_requests),
+            capacity_blocks=w.num_blocks,
+        )

@@ -1,0 +1,72 @@
+"""Basic routing policies behind one interface: round-robin, random, least-loaded.
+
+A `Policy` sees the request and the candidates (live, ready workers of the request's model, as
+`policy.WorkerLoad`) and returns a worker id. It does no I/O; the only state is a counter or a seeded
+RNG, so table tests pin its choices. The pure functions live in `router/policy.py` next to the
+KV-aware one, which slots in behind this same `pick` signature.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from typing import Protocol
+
+from tandem.protocol.messages import GenerateRequest
+from tandem.router.policy import WorkerLoad, pick_least_loaded, pick_random, pick_round_robin
+
+
+class Policy(Protocol):
+    name: str
+
+    def pick(self, request: GenerateRequest, candidates: Sequence[WorkerLoad]) -> str:
+        """The chosen candidate's worker_id. `candidates` is non-empty."""
+        ...
+
+
+class RoundRobin:
+    name = "round-robin"
+
+    def __init__(self) -> None:
+        self._counter = 0
+
+    def pick(self, request: GenerateRequest, candidates: Sequence[WorkerLoad]) -> str:
+        assert candidates, "pick() needs at least one candidate"
+        # Sorted, so the rotation stays fair while the worker set changes under us.
+        choice = pick_round_robin(sorted(candidates, key=lambda w: w.worker_id), self._counter)
+        self._counter += 1
+        return choice
+
+
+class Random:
+    name = "random"
+
+    def __init__(self, seed: int | None = None) -> None:
+        self._rng = random.Random(seed)
+
+    def pick(self, request: GenerateRequest, candidates: Sequence[WorkerLoad]) -> str:
+        assert candidates, "pick() needs at least one candidate"
+        return pick_random(list(candidates), self._rng)
+
+
+class LeastLoaded:
+    """Fewest active requests, then fewest active KV blocks, then the lowest id."""
+
+    name = "least-loaded"
+
+    def pick(self, request: GenerateRequest, candidates: Sequence[WorkerLoad]) -> str:
+        assert candidates, "pick() needs at least one candidate"
+        return pick_least_loaded(candidates)
+
+
+POLICIES: dict[str, type[RoundRobin] | type[Random] | type[LeastLoaded]] = {
+    p.name: p for p in (RoundRobin, Random, LeastLoaded)
+}
+
+
+def make_policy(name: str) -> Policy:
+    """A fresh policy by its CLI name. Raises ValueError for an unknown name."""
+    try:
+        return POLICIES[name]()
+    except KeyError:
+        raise ValueError(f"unknown router policy {name!r}; choose one of {', '.join(POLICIES)}") from None

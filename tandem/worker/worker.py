@@ -1,0 +1,234 @@
+"""Worker: one engine served over the request plane, registered in discovery, drained on stop.
+
+    Worker(config, discovery).start()  -> builds EngineCore + AsyncEngine, listens, registers
+    generate call  -> AsyncEngine.generate, outputs streamed back (closing the stream aborts it)
+    stats call     -> WorkerStats (engine counters + active requests)
+    drain()        -> status "draining" in discovery (routers stop picking it), new generate calls
+                      refused with OverloadedError, in-flight requests finish (bounded), deregister
+
+Load (active requests, KV usage) is pushed to discovery at most every `load_interval` seconds and
+only when it changed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import uuid
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tandem.control.discovery import DEFAULT_TTL, Discovery, Lease
+from tandem.control.rpc_server import RpcServer
+from tandem.engine.async_engine import AsyncEngine
+from tandem.engine.config import EngineConfig
+from tandem.engine.core import EngineCore
+from tandem.engine.executor import Executor
+from tandem.engines.factory import build_executor
+from tandem.protocol.errors import InvalidRequestError, ModelNotFoundError, OverloadedError
+from tandem.protocol.registry import Hardware, Role, WorkerInfo, WorkerLoad, WorkerStats
+from tandem.protocol.rpc import Call, GenerateCall, StatsCall
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    model_dir: str
+    """Checkpoint folder (for the sim engine, a folder with config.json is enough)."""
+    engine: str = "builtin"
+    served_model_name: str | None = None
+    """Name requests use; None takes the folder's name."""
+    worker_id: str | None = None
+    """None: "<engine>-<random>"."""
+    host: str = "127.0.0.1"
+    port: int = 0
+    """0: the OS picks a free port."""
+    role: Role = "agg"
+    engine_config: EngineConfig = field(default_factory=EngineConfig)
+    dtype: str = "bfloat16"
+    device: str = "cpu"
+    speedup: float = 1.0
+    """Sim engine only: how much faster than the timing model's real time."""
+    lease_ttl: float = DEFAULT_TTL
+    load_interval: float = 0.5
+    drain_timeout: float = 30.0
+    """Longest wait for in-flight requests when draining."""
+
+    def __post_init__(self) -> None:
+        if self.role != "agg":
+            raise ValueError(f"role {self.role!r} needs disaggregated serving, not implemented yet")
+        if self.lease_ttl <= 0 or self.load_interval <= 0 or self.drain_timeout < 0:
+            raise ValueError("lease_ttl and load_interval must be > 0, drain_timeout >= 0")
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or Path(self.model_dir).resolve().name
+
+
+class Worker:
+    def __init__(
+        self, config: WorkerConfig, discovery: Discovery | None = None, executor: Executor | None = None
+    ) -> None:
+        self.config = config
+        self.discovery = discovery
+        self.worker_id = config.worker_id or f"{config.engine}-{uuid.uuid4().hex[:8]}"
+        self._executor = executor
+        self.engine: AsyncEngine | None = None
+        self.server = RpcServer(self._handle, host=config.host, port=config.port, name=self.worker_id)
+        self.lease: Lease | None = None
+        self.draining = False
+        self._active = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._load_task: asyncio.Task[None] | None = None
+
+    @property
+    def address(self) -> str:
+        return self.server.address
+
+    async def start(self) -> None:
+        """Build the engine (off the event loop: loading weights blocks), listen, register."""
+        cfg = self.config
+        if self._executor is None:
+            self._executor = await asyncio.to_thread(
+                build_executor,
+                cfg.engine,
+                cfg.model_dir,
+                cfg.engine_config,
+                dtype=cfg.dtype,
+                device=cfg.device,
+                speedup=cfg.speedup,
+            )
+        self.engine = AsyncEngine(EngineCore(cfg.engine_config, self._executor), name=self.worker_id)
+        await self.server.start()
+        if self.discovery is not None:
+            self.lease = await self.discovery.register(self.info(), cfg.lease_ttl)
+            self._load_task = asyncio.create_task(self._publish_load(), name="load-publisher")
+        log.info("worker %s serving %s on %s", self.worker_id, cfg.model_name, self.address)
+
+    def info(self) -> WorkerInfo:
+        assert self.engine is not None, "start() the worker first"
+        core = self.engine.core
+        return WorkerInfo(
+            worker_id=self.worker_id,
+            address=self.address,
+            model=self.config.model_name,
+            model_dir=str(Path(self.config.model_dir).resolve()),
+            role=self.config.role,
+            block_size=self.config.engine_config.block_size,
+            num_blocks=core.kv.num_blocks,
+            max_model_len=core.max_model_len,
+            hardware=detect_hardware(self.config.engine, self.config.device),
+            status="draining" if self.draining else "ready",
+            load=self.load(),
+            engine=self.config.engine,
+        )
+
+    def load(self) -> WorkerLoad:
+        assert self.engine is not None, "start() the worker first"
+        s = self.engine.stats
+        return WorkerLoad(
+            active_requests=self._active,
+            num_running=s.num_running,
+            num_waiting=s.num_waiting,
+            num_used_blocks=s.num_used_blocks,
+            kv_usage=s.kv_usage,
+        )
+
+    def stats(self) -> WorkerStats:
+        assert self.engine is not None, "start() the worker first"
+        s = self.engine.stats
+        return WorkerStats(
+            worker_id=self.worker_id,
+            status="draining" if self.draining else "ready",
+            load=self.load(),
+            num_blocks=s.num_blocks,
+            num_free_blocks=s.num_free_blocks,
+            num_preemptions=s.num_preemptions,
+            prompt_tokens_total=s.prompt_tokens_total,
+            cached_tokens_total=s.cached_tokens_total,
+            num_steps=s.num_steps,
+        )
+
+    async def drain(self, timeout: float | None = None) -> bool:
+        """Stop taking work and wait for in-flight requests. True if they all finished in time."""
+        timeout = self.config.drain_timeout if timeout is None else timeout
+        self.draining = True
+        log.info("worker %s draining (%d in flight, timeout %.0f s)", self.worker_id, self._active, timeout)
+        if self.lease is not None:
+            await self.lease.update(status="draining", load=self.load())
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except TimeoutError:
+            log.warning("worker %s: drain timed out with %d requests in flight", self.worker_id, self._active)
+            return False
+
+    async def stop(self) -> None:
+        """Deregister, close connections (aborting what is left) and stop the engine."""
+        if self._load_task is not None:
+            self._load_task.cancel()
+        if self.lease is not None:
+            await self.lease.revoke()
+        await self.server.close()
+        if self.engine is not None:
+            await asyncio.to_thread(self.engine.shutdown)
+        log.info("worker %s stopped", self.worker_id)
+
+    async def _handle(self, call: Call) -> AsyncGenerator[Any, None]:
+        if isinstance(call, StatsCall):
+            yield self.stats()
+            return
+        if not isinstance(call, GenerateCall):
+            raise InvalidRequestError(f"a worker does not serve {type(call).__name__}")
+        assert self.engine is not None, "start() the worker first"
+        req = call.request
+        if self.draining:
+            raise OverloadedError(f"worker {self.worker_id} is draining")
+        if req.model != self.config.model_name:
+            raise ModelNotFoundError(
+                f"worker {self.worker_id} serves {self.config.model_name!r}, not {req.model!r}"
+            )
+        self._active += 1
+        self._idle.clear()
+        try:
+            async for out in self.engine.generate(req):
+                yield out
+        finally:
+            self._active -= 1
+            if self._active == 0:
+                self._idle.set()
+
+    async def _publish_load(self) -> None:
+        assert self.lease is not None
+        last = None
+        while True:
+            await asyncio.sleep(self.config.load_interval)
+            load = self.load()
+            if load != last:
+                last = load
+                await self.lease.update(load=load)
+
+
+def detect_hardware(engine: str, device: str) -> Hardware:
+    """What this worker runs on, for the registry (best effort; never fails)."""
+    if engine == "sim":
+        return Hardware(device="sim", name="simulated", count=1)
+    if device.startswith("cuda"):
+        try:
+            import torch
+
+            props = torch.cuda.get_device_properties(torch.device(device))
+            return Hardware(device="cuda", name=props.name, count=1, memory_bytes=props.total_memory)
+        except Exception as e:
+            log.warning("cannot read CUDA device properties: %s", e)
+            return Hardware(device="cuda")
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        memory = 0
+    return Hardware(device="cpu", name=os.uname().machine, count=1, memory_bytes=memory)
