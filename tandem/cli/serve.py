@@ -1,0 +1,234 @@
+"""`tandem serve`: one frontend process (HTTP app + embedded registry + router) and its workers.
+
+    tandem serve --model DIR --workers 2 --engine sim --router least-loaded --port 8000
+    tandem serve -f examples/agg.yaml
+
+This process hosts the registry on a free 127.0.0.1 port, starts every worker as a `tandem worker`
+child that registers there, and serves the OpenAI API with a `RouterBackend` over the registry. It
+prints "Tandem ready: http://HOST:PORT/v1 (N workers)" once every worker is registered and /health
+answers 200. Ctrl-C / SIGTERM: workers drain (in-flight requests finish), then everything stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import socket
+import sys
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from tandem.engines.factory import ENGINES
+
+if TYPE_CHECKING:
+    from tandem.control.discovery import MemoryDiscovery
+    from tandem.deploy.local import LocalLauncher
+    from tandem.deploy.spec import DeploymentSpec
+
+log = logging.getLogger(__name__)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("serve", help="serve a model: frontend, router and worker processes")
+    p.add_argument("-f", "--file", default=None, help="deployment YAML (flags below then ignored)")
+    p.add_argument("--model", default=None, help="checkpoint folder")
+    p.add_argument("--served-model-name", default=None)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--engine", choices=ENGINES, default="builtin")
+    p.add_argument("--router", default="round-robin", help="round-robin | random | least-loaded")
+    p.add_argument("--speedup", type=float, default=1.0, help="sim engine: faster than modelled time")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--num-blocks", type=int, default=None)
+    p.add_argument("--block-size", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=None)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--log-dir", default=None, help="worker logs as files here (default: prefixed stderr)")
+    p.add_argument("--drain-timeout", type=float, default=30.0)
+    p.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for workers")
+    p.set_defaults(func=run)
+
+
+def spec_from_args(args: argparse.Namespace) -> DeploymentSpec:
+    from tandem.deploy.spec import DeploymentSpec, PoolSpec
+
+    if args.file:
+        return DeploymentSpec.from_yaml(args.file)
+    if not args.model:
+        raise ValueError("give --model DIR or -f DEPLOYMENT.yaml")
+    engine_args = {
+        k: getattr(args, k)
+        for k in ("num_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens")
+        if getattr(args, k) is not None
+    }
+    pool = PoolSpec(
+        name="worker",
+        role="agg",
+        replicas=args.workers,
+        engine=args.engine,
+        speedup=args.speedup,
+        dtype=args.dtype,
+        device=args.device,
+        engine_args=engine_args,
+    )
+    return DeploymentSpec(
+        model=args.model,
+        served_name=args.served_model_name,
+        host=args.host,
+        port=args.port,
+        policy=args.router,
+        pools=(pool,),
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from tandem.cli.worker import run_event_loop
+
+    try:
+        spec = spec_from_args(args)
+    except ValueError as e:
+        print(f"tandem serve: {e}", file=sys.stderr)
+        return 2
+    if spec.disaggregated:
+        print(
+            "tandem serve: prefill/decode pools are not supported yet (disaggregated serving is a "
+            "later issue); use role: agg",
+            file=sys.stderr,
+        )
+        return 2
+    return run_event_loop(serve(spec, args.log_dir, args.log_level, args.drain_timeout, args.ready_timeout))
+
+
+async def serve(
+    spec: DeploymentSpec, log_dir: str | None, log_level: str, drain_timeout: float, ready_timeout: float
+) -> int:
+    from tandem.control.discovery import MemoryDiscovery
+    from tandem.control.registry import RegistryServer
+    from tandem.deploy.local import LocalLauncher
+    from tandem.router.backend import RouterBackend
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    store = MemoryDiscovery()
+    registry = RegistryServer(store)
+    await registry.start()
+    backend = RouterBackend(store, spec.policy)
+    launcher = LocalLauncher(
+        spec, registry.address, log_dir=log_dir, log_level=log_level, drain_timeout=drain_timeout
+    )
+    server = _http_server(_uvicorn_config(backend, spec))
+    sock = _listen(spec.host, spec.port)
+    http_task = asyncio.create_task(server.serve(sockets=[sock]), name="http")
+    code = 0
+    try:
+        await launcher.start()
+        ready = await _wait_ready(spec, store, launcher, stop, ready_timeout)
+        if ready:
+            print(f"Tandem ready: http://{spec.host}:{spec.port}/v1 ({spec.num_workers} workers)", flush=True)
+            await _supervise(launcher, stop)
+        else:
+            code = 0 if stop.is_set() else 1
+    finally:
+        log.info("shutting down: draining %d workers", len(launcher.children))
+        await launcher.stop()
+        server.should_exit = True
+        await asyncio.wait_for(http_task, 10.0)
+        await backend.close()
+        await registry.close()
+        sock.close()
+    return code
+
+
+async def _wait_ready(
+    spec: DeploymentSpec,
+    store: MemoryDiscovery,
+    launcher: LocalLauncher,
+    stop: asyncio.Event,
+    timeout: float,
+) -> bool:
+    """Wait until every worker is registered and /health is green. False on stop, exit or timeout."""
+    import httpx
+
+    deadline = asyncio.get_running_loop().time() + timeout
+    async with httpx.AsyncClient() as http:
+        while not stop.is_set():
+            dead = launcher.exited()
+            if dead:
+                names = ", ".join(f"{c.worker_id} (exit {c.proc.returncode})" for c in dead)
+                log.error("workers exited before the deployment was ready: %s", names)
+                return False
+            ready = [w for w in store.snapshot() if w.status == "ready"]
+            if len(ready) >= spec.num_workers:
+                try:
+                    r = await http.get(f"http://{spec.host}:{spec.port}/health", timeout=2.0)
+                    if r.status_code == 200:
+                        return True
+                except httpx.HTTPError:
+                    pass
+            if asyncio.get_running_loop().time() > deadline:
+                log.error(
+                    "not ready after %.0f s (%d/%d workers registered)", timeout, len(ready), spec.num_workers
+                )
+                return False
+            await asyncio.sleep(0.2)
+    return False
+
+
+async def _supervise(launcher: LocalLauncher, stop: asyncio.Event) -> None:
+    """Serve until told to stop; a worker that dies is reported (the router already skips it)."""
+    reported: set[str] = set()
+    while not stop.is_set():
+        for c in launcher.exited():
+            if c.worker_id not in reported:
+                reported.add(c.worker_id)
+                log.error("worker %s exited with code %s", c.worker_id, c.proc.returncode)
+        try:
+            await asyncio.wait_for(stop.wait(), 1.0)
+        except TimeoutError:
+            pass
+
+
+def _uvicorn_config(backend: Any, spec: DeploymentSpec) -> Any:
+    import uvicorn
+
+    from tandem.frontend.app import create_app
+
+    app = create_app(backend)
+    return uvicorn.Config(
+        app, http="httptools", loop="none", access_log=False, log_level="warning", lifespan="on"
+    )
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    # We bind the socket ourselves: TCP_NODELAY set on the listener is inherited by every accepted
+    # connection, so SSE token events leave without waiting for delayed ACKs.
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+def _http_server(config: Any) -> Any:
+    import contextlib
+
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn minus its signal handlers: this process decides the shutdown order (workers drain
+        first, while their HTTP streams are still being served)."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield
+
+    return Server(config)

@@ -1,0 +1,117 @@
+"""`tandem worker`: one engine process serving the request plane, registered with a registry.
+
+Prints one readiness line on stdout ("Tandem worker <id> ready on <host:port>") once it is listening
+and registered. SIGTERM or Ctrl-C drains it: it is marked draining (routers stop sending), in-flight
+requests finish (up to --drain-timeout), then it deregisters and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
+
+from tandem.engine.config import EngineConfig
+from tandem.engines.factory import ENGINES
+
+if TYPE_CHECKING:
+    from tandem.worker.worker import WorkerConfig
+
+log = logging.getLogger(__name__)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("worker", help="run one inference worker (request-plane server)")
+    p.add_argument("--model", required=True, help="checkpoint folder (sim engine: config.json is enough)")
+    p.add_argument("--served-model-name", default=None, help="default: the folder's name")
+    p.add_argument("--engine", choices=ENGINES, default="builtin")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0, help="0: any free port (the registry learns it)")
+    p.add_argument("--role", choices=["agg", "prefill", "decode"], default="agg")
+    p.add_argument("--registry", default=None, help="host:port of the embedded registry to join")
+    p.add_argument("--worker-id", default=None)
+    p.add_argument("--speedup", type=float, default=1.0, help="sim engine: run faster than modelled time")
+    p.add_argument("--num-blocks", type=int, default=None)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--lease-ttl", type=float, default=3.0, help="seconds without heartbeat before expiry")
+    p.add_argument("--drain-timeout", type=float, default=30.0)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tandem.worker.worker import WorkerConfig
+
+    config = WorkerConfig(
+        model_dir=args.model,
+        engine=args.engine,
+        served_model_name=args.served_model_name,
+        worker_id=args.worker_id,
+        host=args.host,
+        port=args.port,
+        role=args.role,
+        engine_config=EngineConfig(
+            block_size=args.block_size,
+            num_blocks=args.num_blocks,
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            max_model_len=args.max_model_len,
+        ),
+        dtype=args.dtype,
+        device=args.device,
+        speedup=args.speedup,
+        lease_ttl=args.lease_ttl,
+        drain_timeout=args.drain_timeout,
+    )
+    return run_event_loop(serve_worker(config, args.registry))
+
+
+def run_event_loop(main: Coroutine[Any, Any, int]) -> int:
+    """Run a coroutine on uvloop when it is installed (the serving loop's hot path is socket I/O)."""
+    try:
+        import uvloop
+
+        return int(uvloop.run(main))
+    except ImportError:
+        return int(asyncio.run(main))
+
+
+async def serve_worker(config: WorkerConfig, registry: str | None) -> int:
+    from tandem.control.registry import RemoteDiscovery
+    from tandem.worker.worker import Worker
+
+    discovery = RemoteDiscovery(registry) if registry else None
+    worker = Worker(config, discovery)
+    _tag_logs(worker.worker_id)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await worker.start()
+        print(f"Tandem worker {worker.worker_id} ready on {worker.address}", flush=True)
+        await stop.wait()
+        await worker.drain()
+    finally:
+        await worker.stop()
+        if discovery is not None:
+            await discovery.close()
+    return 0
+
+
+def _tag_logs(worker_id: str) -> None:
+    # Every line of this process carries the worker id, so interleaved logs of a deployment grep apart.
+    fmt = logging.Formatter(f"%(asctime)s %(levelname)s [{worker_id}] %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(fmt)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(stream=sys.stderr, level=logging.INFO)
+        _tag_logs(worker_id)

@@ -1,0 +1,142 @@
+"""Deployment spec: what `tandem serve` launches, from flags or from one YAML file.
+
+    model: {path: ./models/tiny, served_name: tiny}
+    frontend: {host: 127.0.0.1, port: 8000}
+    router: {policy: least-loaded}
+    pools:
+      - {name: agg, role: agg, replicas: 2, engine: sim, speedup: 10, engine_args: {num_blocks: 4096}}
+
+Relative model paths are taken from the directory `tandem serve` runs in. Frozen and validated at
+construction; unknown keys are errors (a typo must not silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from tandem.engines.factory import ENGINES
+from tandem.router.basic import POLICIES
+
+ROLES = ("agg", "prefill", "decode")
+ENGINE_ARGS = ("block_size", "num_blocks", "max_num_seqs", "max_num_batched_tokens", "max_model_len")
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """A set of identical workers."""
+
+    name: str = "agg"
+    role: str = "agg"
+    replicas: int = 1
+    engine: str = "builtin"
+    speedup: float = 1.0
+    """Sim engine: how much faster than modelled time."""
+    dtype: str = "bfloat16"
+    device: str = "cpu"
+    hardware: dict[str, Any] = field(default_factory=dict)
+    """What the pool needs (device type, count, memory): informational until a scheduler uses it."""
+    engine_args: dict[str, int] = field(default_factory=dict)
+    """EngineConfig fields passed as worker flags (block_size, num_blocks, ...)."""
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"pool {self.name!r}: role must be one of {ROLES}, got {self.role!r}")
+        if self.replicas < 0:
+            raise ValueError(f"pool {self.name!r}: replicas must be >= 0")
+        if self.engine not in ENGINES:
+            raise ValueError(f"pool {self.name!r}: engine must be one of {ENGINES}, got {self.engine!r}")
+        if self.speedup <= 0:
+            raise ValueError(f"pool {self.name!r}: speedup must be > 0")
+        unknown = set(self.engine_args) - set(ENGINE_ARGS)
+        if unknown:
+            raise ValueError(
+                f"pool {self.name!r}: unknown engine_args {sorted(unknown)}, known {ENGINE_ARGS}"
+            )
+
+    def worker_args(self) -> list[str]:
+        """`tandem worker` flags for one replica (model, registry and id are added by the launcher)."""
+        args = ["--engine", self.engine, "--role", self.role, "--dtype", self.dtype, "--device", self.device]
+        if self.engine == "sim":
+            args += ["--speedup", str(self.speedup)]
+        for key, value in sorted(self.engine_args.items()):
+            args += [f"--{key.replace('_', '-')}", str(value)]
+        return args
+
+
+@dataclass(frozen=True)
+class DeploymentSpec:
+    model: str
+    """Checkpoint folder the workers load and the frontend reads the tokenizer from."""
+    served_name: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    policy: str = "round-robin"
+    pools: tuple[PoolSpec, ...] = (PoolSpec(),)
+    name: str = "tandem"
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"router policy must be one of {tuple(POLICIES)}, got {self.policy!r}")
+        if not self.pools or sum(p.replicas for p in self.pools) == 0:
+            raise ValueError("the deployment has no workers")
+        names = [p.name for p in self.pools]
+        if len(set(names)) != len(names):
+            raise ValueError(f"pool names must be unique, got {names}")
+
+    @property
+    def disaggregated(self) -> bool:
+        return any(p.role != "agg" for p in self.pools)
+
+    @property
+    def num_workers(self) -> int:
+        return sum(p.replicas for p in self.pools)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DeploymentSpec:
+        _check_keys("deployment", data, {"name", "model", "frontend", "router", "pools"})
+        model = data.get("model")
+        if isinstance(model, str):
+            model = {"path": model}
+        if not isinstance(model, dict) or "path" not in model:
+            raise ValueError("the deployment needs `model: {path: <checkpoint folder>}`")
+        _check_keys("model", model, {"path", "served_name"})
+        frontend = data.get("frontend") or {}
+        _check_keys("frontend", frontend, {"host", "port"})
+        router = data.get("router") or {}
+        _check_keys("router", router, {"policy"})
+        pools = []
+        known = {f.name for f in fields(PoolSpec)}
+        for raw in data.get("pools") or []:
+            _check_keys("pool", raw, known)
+            pools.append(PoolSpec(**raw))
+        return cls(
+            model=str(model["path"]),
+            served_name=model.get("served_name"),
+            host=frontend.get("host", "127.0.0.1"),
+            port=int(frontend.get("port", 8000)),
+            policy=router.get("policy", "round-robin"),
+            pools=tuple(pools),
+            name=data.get("name", "tandem"),
+        )
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> DeploymentSpec:
+        import yaml
+
+        data = yaml.safe_load(Path(path).read_text())
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping at the top level")
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: {e}") from e
+
+
+def _check_keys(what: str, data: Any, allowed: set[str]) -> None:
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} must be a mapping, got {type(data).__name__}")
+    unknown = set(data) - allowed
+    if unknown:
+        raise ValueError(f"unknown {what} keys {sorted(unknown)}; allowed: {sorted(allowed)}")
