@@ -1,0 +1,216 @@
+"""The OpenAI-compatible HTTP frontend: `create_app(backend)` -> a FastAPI app.
+
+Routes: POST /v1/chat/completions, POST /v1/completions (streaming SSE or not), GET /v1/models,
+/health (200 when every served model has a live worker, else 503), /live (always 200), /metrics
+(Prometheus), /openapi.json. The frontend owns tokenization and detokenization; the backend only
+sees token ids (`tandem.router.interface.Backend`).
+
+A request's path: parse (msgspec) -> resolve the model -> chat template / tokenize -> validate and
+clamp sampling -> `backend.generate` -> `GenerationResponse` (detokenize, stop strings, SSE).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Any
+
+import msgspec
+from fastapi import FastAPI, Request
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.responses import Response
+
+from tandem.frontend.errors import FieldError, error_response, install_error_handlers
+from tandem.frontend.metrics import FrontendMetrics
+from tandem.frontend.preprocess import TokenizerCache, chat_prompt_ids, completion_prompt_ids, prepare
+from tandem.frontend.streaming import Generation, GenerationResponse
+from tandem.protocol.errors import ModelNotFoundError, OverloadedError, TandemError
+from tandem.protocol.messages import GenerateRequest
+from tandem.protocol.openai import (
+    SCHEMAS,
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelList,
+    ModelObject,
+)
+from tandem.router.interface import Backend, ModelCard
+
+log = logging.getLogger(__name__)
+
+_encode = msgspec.json.Encoder().encode
+_CHAT_DECODER = msgspec.json.Decoder(ChatCompletionRequest)
+_COMPLETION_DECODER = msgspec.json.Decoder(CompletionRequest)
+_REF = "#/components/schemas/{name}"
+
+
+class _Frontend:
+    """Per-app state: the backend, tokenizers, metrics. Routes are thin wrappers over `generate`."""
+
+    def __init__(self, backend: Backend, served_model_name: str | None) -> None:
+        self.backend = backend
+        self.alias = served_model_name
+        self.tokenizers = TokenizerCache()
+        self.metrics = FrontendMetrics()
+
+    def resolve(self, name: str) -> ModelCard:
+        cards = self.backend.models()
+        for card in cards:
+            if card.name == name:
+                return card
+        if self.alias is not None and name == self.alias and len(cards) == 1:
+            return cards[0]
+        known = ", ".join(self.public_name(c) for c in cards) or "none"
+        raise ModelNotFoundError(f"the model {name!r} does not exist (served: {known})")
+
+    def public_name(self, card: ModelCard) -> str:
+        if self.alias is not None and len(self.backend.models()) == 1:
+            return self.alias
+        return card.name
+
+    async def generate(self, request: Request, chat: bool) -> Response:
+        started = time.perf_counter()
+        endpoint = "chat" if chat else "completions"
+        try:
+            body = await request.body()
+            req = _decode(body, chat)
+            card = self.resolve(req.model)
+            tok = await self.tokenizers.get(card.model_dir)
+            if isinstance(req, ChatCompletionRequest):
+                prompt_ids = await chat_prompt_ids(tok, req)
+            else:
+                prompt_ids = await completion_prompt_ids(tok, req)
+            prepared = prepare(req, prompt_ids, card.max_model_len)
+            if not self.backend.is_ready(card.name):
+                raise OverloadedError(f"no live worker serves the model {card.name!r}; retry shortly")
+            response_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+            outputs = self.backend.generate(
+                GenerateRequest(
+                    request_id=response_id,
+                    model=card.name,
+                    prompt_token_ids=prepared.prompt_ids,
+                    sampling=prepared.sampling,
+                )
+            )
+        except TandemError as e:
+            self.metrics.count_request(endpoint, e.http_status)
+            return error_response(e)
+        return GenerationResponse(
+            Generation(
+                chat=chat,
+                endpoint=endpoint,
+                response_id=response_id,
+                created=int(time.time()),
+                model=req.model,
+                prepared=prepared,
+                tok=tok,
+                outputs=outputs,
+                stream=req.stream,
+                include_usage=req.stream_options is not None and req.stream_options.include_usage,
+                metrics=self.metrics,
+                started=started,
+            )
+        )
+
+    def health(self) -> Response:
+        cards = self.backend.models()
+        ready = {self.public_name(c): self.backend.is_ready(c.name) for c in cards}
+        ok = bool(ready) and all(ready.values())
+        body = {"status": "healthy" if ok else "unhealthy", "models": ready}
+        return Response(_encode(body), status_code=200 if ok else 503, media_type="application/json")
+
+    def models(self) -> Response:
+        data = [
+            ModelObject(id=self.public_name(c), created=c.created, max_model_len=c.max_model_len)
+            for c in self.backend.models()
+        ]
+        return Response(_encode(ModelList(data)), media_type="application/json")
+
+
+def _decode(body: bytes, chat: bool) -> ChatCompletionRequest | CompletionRequest:
+    try:
+        return _CHAT_DECODER.decode(body) if chat else _COMPLETION_DECODER.decode(body)
+    except msgspec.ValidationError as e:
+        # msgspec says e.g. "Expected `int`, got `str` - at `$.max_tokens`".
+        msg = str(e)
+        param = msg.rsplit("at `$.", 1)[1].rstrip("`") if "at `$." in msg else None
+        raise FieldError(f"invalid request: {msg}", param) from e
+    except msgspec.DecodeError as e:
+        raise FieldError(f"the request body is not valid JSON: {e}") from e
+
+
+def _body_doc(schema: str, stream: bool) -> dict[str, Any]:
+    content: dict[str, Any] = {"application/json": {"schema": {"$ref": _REF.format(name=schema)}}}
+    if stream:
+        content["text/event-stream"] = {
+            "schema": {"type": "string", "description": "SSE chunks, then [DONE]"}
+        }
+    return content
+
+
+def create_app(backend: Backend, *, served_model_name: str | None = None, title: str = "Tandem") -> FastAPI:
+    """An OpenAI-compatible app over `backend`.
+
+    `served_model_name`: when the backend serves exactly one model, also (and in listings only)
+    call it this name. Each app has its own metrics registry, so tests may build many apps.
+    """
+    fe = _Frontend(backend, served_model_name)
+    app = FastAPI(title=title, version="0.1.0")
+    app.state.frontend = fe
+    install_error_handlers(app)
+
+    def request_doc(schema: str, response: str) -> dict[str, Any]:
+        return {
+            "requestBody": {"required": True, "content": _body_doc(schema, False)},
+            "responses": {
+                "200": {"description": "The completion", "content": _body_doc(response, True)},
+                "400": {"description": "Invalid request", "content": _body_doc("ErrorResponse", False)},
+                "404": {"description": "Unknown model", "content": _body_doc("ErrorResponse", False)},
+                "503": {"description": "No live worker", "content": _body_doc("ErrorResponse", False)},
+            },
+        }
+
+    @app.post(
+        "/v1/chat/completions",
+        openapi_extra=request_doc("ChatCompletionRequest", "ChatCompletionResponse"),
+        summary="Create a chat completion",
+    )
+    async def chat_completions(request: Request) -> Response:
+        return await fe.generate(request, chat=True)
+
+    @app.post(
+        "/v1/completions",
+        openapi_extra=request_doc("CompletionRequest", "CompletionResponse"),
+        summary="Create a completion",
+    )
+    async def completions(request: Request) -> Response:
+        return await fe.generate(request, chat=False)
+
+    @app.get("/v1/models", summary="List served models")
+    async def list_models() -> Response:
+        return fe.models()
+
+    @app.get("/health", summary="200 when every served model has a live worker")
+    async def health() -> Response:
+        return fe.health()
+
+    @app.get("/live", summary="200 while the process runs")
+    async def live() -> Response:
+        return Response(b'{"status":"live"}', media_type="application/json")
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    async def metrics() -> Response:
+        return Response(fe.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    default_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = default_openapi()
+            _, components = msgspec.json.schema_components(SCHEMAS, ref_template=_REF)
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(components)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app

@@ -1,0 +1,96 @@
+"""Frontend Prometheus metrics, in a registry of the app's own (tests build many apps).
+
+Latency histograms are observed once per engine output (inter-token latency) on the hot path, so
+they use `FastHistogram`: a bisect and two additions, no lock (the event loop is one thread), exposed
+through a custom collector in the standard histogram format. Counters and the gauge change once per
+request and use prometheus-client directly.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from collections.abc import Iterator, Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
+
+PREFIX = "tandem_frontend"
+TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
+ITL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5)
+E2E_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class FastHistogram(Collector):
+    """A label-less histogram for single-threaded hot paths."""
+
+    def __init__(self, name: str, doc: str, buckets: Sequence[float]) -> None:
+        self.name = name
+        self.doc = doc
+        self.bounds = tuple(float(b) for b in buckets)
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float, n: int = 1) -> None:
+        """Record `value` `n` times (an output of n tokens after one gap gives n equal ITLs)."""
+        self.counts[bisect.bisect_left(self.bounds, value)] += n
+        self.sum += value * n
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        cumulative = 0
+        buckets = []
+        for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            cumulative += count
+            buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+        yield HistogramMetricFamily(self.name, self.doc, buckets=buckets, sum_value=self.sum)
+
+    def describe(self) -> Iterator[HistogramMetricFamily]:
+        return iter(())
+
+
+class FrontendMetrics:
+    """Every metric the frontend exports; `render()` gives the /metrics body."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        r = self.registry
+        self.requests = Counter(
+            f"{PREFIX}_requests",
+            "Finished HTTP requests by endpoint and status",
+            ["endpoint", "status"],
+            registry=r,
+        )
+        self.inflight = Gauge(f"{PREFIX}_inflight_requests", "Generation requests in progress", registry=r)
+        self.prompt_tokens = Counter(
+            f"{PREFIX}_prompt_tokens", "Prompt tokens of served requests", registry=r
+        )
+        self.output_tokens = Counter(f"{PREFIX}_output_tokens", "Generated tokens", registry=r)
+        self.cached_tokens = Counter(
+            f"{PREFIX}_cached_tokens", "Prompt tokens served from a KV prefix cache", registry=r
+        )
+        self.ttft = FastHistogram(
+            f"{PREFIX}_time_to_first_token_seconds", "Time to first token", TTFT_BUCKETS
+        )
+        self.itl = FastHistogram(f"{PREFIX}_inter_token_latency_seconds", "Inter-token latency", ITL_BUCKETS)
+        self.e2e = FastHistogram(f"{PREFIX}_request_duration_seconds", "End-to-end request time", E2E_BUCKETS)
+        for h in (self.ttft, self.itl, self.e2e):
+            r.register(h)
+        self._status_children: dict[tuple[str, int], Counter] = {}
+
+    def count_request(self, endpoint: str, status: int) -> None:
+        child = self._status_children.get((endpoint, status))
+        if child is None:
+            child = self._status_children[(endpoint, status)] = self.requests.labels(endpoint, str(status))
+        child.inc()
+
+    def count_tokens(self, prompt: int, output: int, cached: int) -> None:
+        self.prompt_tokens.inc(prompt)
+        self.output_tokens.inc(output)
+        if cached:
+            self.cached_tokens.inc(cached)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,234 @@
+"""OpenAI request -> (prompt token ids, SamplingSpec): chat templates, tokenization, validation.
+
+Contracts:
+- Chat prompts are rendered exactly as transformers does (`apply_chat_template(messages,
+  add_generation_prompt=True)`) and tokenized without adding special tokens, as transformers does
+  for `tokenize=True`: the template already wrote them.
+- Completion prompts are tokenized with the tokenizer's own special-token rule (`tokenizer(prompt)`);
+  token-id prompts pass through.
+- A prompt that does not fit the context is a 400 naming both lengths. `max_tokens` past the context
+  is clamped to what fits (the request then ends with finish_reason "length"); no `max_tokens` means
+  "up to the context" for chat and 16 for completions, as OpenAI's defaults.
+- Every other out-of-range field is a 400 naming the field (`FieldError`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tandem.frontend.errors import FieldError
+from tandem.protocol.errors import CheckpointError, InvalidRequestError
+from tandem.protocol.messages import SamplingSpec
+from tandem.protocol.openai import ChatCompletionRequest, ChatMessage, CompletionRequest
+
+log = logging.getLogger(__name__)
+
+COMPLETION_DEFAULT_MAX_TOKENS = 16
+MAX_STOP_STRINGS = 16
+MAX_COMPLETION_LOGPROBS = 5
+_THREAD_CHARS = 32_768
+"""Prompts longer than this are tokenized in a thread so one long prompt does not stall every stream."""
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A validated request, ready for the backend."""
+
+    prompt_ids: list[int]
+    sampling: SamplingSpec
+    stop: tuple[str, ...]
+    logprobs: bool
+
+
+class ModelTokenizer:
+    """One model's tokenizer and chat template, loaded from local files only."""
+
+    def __init__(self, model_dir: str | Path) -> None:
+        from transformers import AutoTokenizer
+
+        path = Path(model_dir)
+        if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
+            raise CheckpointError(f"no tokenizer files (tokenizer.json / tokenizer_config.json) in {path}")
+        self.tokenizer: Any = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        self.has_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
+        self._token_text: dict[int, str] = {}
+        # The Rust tokenizer skips transformers' Python layer (~15% of encode time); use it only when
+        # it agrees with `tokenizer(...)` on special tokens, which transformers may add in Python.
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        probe = "Hello, world! 123"
+        self._backend = (
+            backend
+            if backend is not None
+            and backend.encode(probe).ids == list(self.tokenizer(probe)["input_ids"])
+            and backend.encode(probe, add_special_tokens=False).ids
+            == list(self.tokenizer(probe, add_special_tokens=False)["input_ids"])
+            else None
+        )
+        log.info("loaded tokenizer from %s (fast path %s)", path, self._backend is not None)
+
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        if self._backend is not None:
+            return list(self._backend.encode(text, add_special_tokens=add_special_tokens).ids)
+        return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+    def render_chat(self, messages: list[ChatMessage]) -> str:
+        if not self.has_chat_template:
+            raise FieldError("this model has no chat template; use /v1/completions", "messages")
+        conv = [_message_dict(m, i) for i, m in enumerate(messages)]
+        try:
+            text = self.tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
+        except Exception as e:  # jinja raises TemplateError for e.g. roles that do not alternate
+            raise FieldError(f"the chat template rejected the messages: {e}", "messages") from e
+        return str(text)
+
+    def token_text(self, token_id: int) -> str:
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self._token_text[token_id] = str(self.tokenizer.decode([token_id]))
+        return text
+
+
+class TokenizerCache:
+    """Loads each model folder's tokenizer once (in a thread: it takes a while), then serves it."""
+
+    def __init__(self) -> None:
+        self._loaded: dict[str, ModelTokenizer] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def get(self, model_dir: str) -> ModelTokenizer:
+        tok = self._loaded.get(model_dir)
+        if tok is not None:
+            return tok
+        lock = self._locks.setdefault(model_dir, asyncio.Lock())
+        async with lock:
+            tok = self._loaded.get(model_dir)
+            if tok is None:
+                tok = await asyncio.to_thread(ModelTokenizer, model_dir)
+                self._loaded[model_dir] = tok
+        return tok
+
+
+def _message_dict(m: ChatMessage, i: int) -> dict[str, Any]:
+    content = m.content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise FieldError("only text content parts are supported", f"messages[{i}].content")
+            parts.append(part["text"])
+        content = "\n".join(parts)
+    out: dict[str, Any] = {"role": m.role, "content": content if content is not None else ""}
+    if m.name is not None:
+        out["name"] = m.name
+    return out
+
+
+async def chat_prompt_ids(tok: ModelTokenizer, req: ChatCompletionRequest) -> list[int]:
+    if not req.messages:
+        raise FieldError("messages must not be empty", "messages")
+    text = tok.render_chat(req.messages)
+    if len(text) > _THREAD_CHARS:
+        return await asyncio.to_thread(tok.encode, text, False)
+    return tok.encode(text, False)
+
+
+async def completion_prompt_ids(tok: ModelTokenizer, req: CompletionRequest) -> list[int]:
+    prompt: Any = req.prompt
+    if isinstance(prompt, list):
+        if prompt and all(type(t) is int for t in prompt):
+            if min(prompt) < 0:
+                raise FieldError("prompt token ids must be >= 0", "prompt")
+            return list(prompt)
+        if len(prompt) != 1:
+            raise FieldError(
+                "send one prompt per request (a string or a list of token ids); batches are not supported",
+                "prompt",
+            )
+        return await completion_prompt_ids(tok, CompletionRequest(model=req.model, prompt=prompt[0]))
+    if not isinstance(prompt, str):
+        raise FieldError("prompt must be a string or a list of token ids", "prompt")
+    if len(prompt) > _THREAD_CHARS:
+        return await asyncio.to_thread(tok.encode, prompt, True)
+    return tok.encode(prompt, True)
+
+
+def prepare(
+    req: ChatCompletionRequest | CompletionRequest, prompt_ids: list[int], max_model_len: int
+) -> Prepared:
+    """Validate sampling fields against the prompt and context; raise FieldError on the first bad one."""
+    n_prompt = len(prompt_ids)
+    if n_prompt == 0:
+        raise FieldError("the prompt is empty: at least one token is needed", "prompt")
+    if n_prompt >= max_model_len:
+        raise InvalidRequestError(
+            f"the prompt has {n_prompt} tokens but the model's context length is {max_model_len} "
+            f"tokens: at most {max_model_len - 1} prompt tokens fit"
+        )
+    if req.n != 1:
+        raise FieldError(f"only n=1 is supported, got n={req.n}", "n")
+    temperature = 1.0 if req.temperature is None else req.temperature
+    if not 0.0 <= temperature <= 2.0:
+        raise FieldError(f"temperature must be in [0, 2], got {temperature}", "temperature")
+    top_p = 1.0 if req.top_p is None else req.top_p
+    if not 0.0 < top_p <= 1.0:
+        raise FieldError(f"top_p must be in (0, 1], got {top_p}", "top_p")
+    top_k = 0 if req.top_k is None or req.top_k == -1 else req.top_k
+    if top_k < 0:
+        raise FieldError(f"top_k must be >= 0 (or -1 for all tokens), got {top_k}", "top_k")
+    if req.presence_penalty or req.frequency_penalty:
+        raise FieldError("presence_penalty and frequency_penalty are not supported", "presence_penalty")
+
+    room = max_model_len - n_prompt
+    if isinstance(req, ChatCompletionRequest):
+        param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        default = room
+        logprobs = req.logprobs
+        if req.top_logprobs:
+            raise FieldError("top_logprobs > 0 is not supported", "top_logprobs")
+    else:
+        param, asked, default = "max_tokens", req.max_tokens, COMPLETION_DEFAULT_MAX_TOKENS
+        if req.logprobs is not None and not 0 <= req.logprobs <= MAX_COMPLETION_LOGPROBS:
+            raise FieldError(f"logprobs must be in [0, {MAX_COMPLETION_LOGPROBS}]", "logprobs")
+        logprobs = req.logprobs is not None
+        if req.echo:
+            raise FieldError("echo is not supported", "echo")
+    if asked is not None and asked < 1:
+        raise FieldError(f"{param} must be >= 1, got {asked}", param)
+    max_tokens = min(asked if asked is not None else default, room)
+    if req.min_tokens < 0:
+        raise FieldError(f"min_tokens must be >= 0, got {req.min_tokens}", "min_tokens")
+    if asked is not None and req.min_tokens > asked:
+        raise FieldError(f"min_tokens ({req.min_tokens}) must be <= {param} ({asked})", "min_tokens")
+
+    stop = _stop_strings(req.stop)
+    stop_ids = req.stop_token_ids or []
+    if any(t < 0 for t in stop_ids):
+        raise FieldError("stop_token_ids must be >= 0", "stop_token_ids")
+    sampling = SamplingSpec(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=req.seed,
+        stop_token_ids=list(stop_ids),
+        ignore_eos=req.ignore_eos,
+        logprobs=logprobs,
+        min_tokens=min(req.min_tokens, max_tokens),
+    )
+    return Prepared(prompt_ids, sampling, stop, logprobs)
+
+
+def _stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    stops = (stop,) if isinstance(stop, str) else tuple(stop)
+    if len(stops) > MAX_STOP_STRINGS:
+        raise FieldError(f"at most {MAX_STOP_STRINGS} stop strings are supported", "stop")
+    if not all(stops):
+        raise FieldError("stop strings must be non-empty", "stop")
+    return stops
