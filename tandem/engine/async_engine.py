@@ -22,6 +22,8 @@ from tandem.protocol.messages import EngineOutput, GenerateRequest, SamplingSpec
 
 log = logging.getLogger(__name__)
 
+TRANSFER_POLL_S = 0.002
+
 
 def sampling_from_spec(spec: SamplingSpec) -> SamplingParams:
     try:
@@ -103,10 +105,14 @@ class AsyncEngine:
     def _run(self) -> None:
         core = self.core
         while True:
-            block = not core.has_unfinished()
+            # Block on the inbox when idle; poll every few ms while only transfers are in flight.
+            timeout: float | None = None
+            block = not core.has_runnable() or core.last_step_idle
+            if block and (core.has_pending_transfers() or core.last_step_idle):
+                timeout = TRANSFER_POLL_S
             try:
                 while True:
-                    msg = self._inbox.get(block=block)
+                    msg = self._inbox.get(block=block, timeout=timeout)
                     block = False
                     if msg is None:
                         self._fail_all(TandemError("the engine stopped"))

@@ -21,6 +21,11 @@ class EngineConfig:
     """Context length; None takes the model's."""
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
+    cache_blocks_on_schedule: bool = False
+    """Put a full block in the prefix cache when a step schedules its tokens, not after the step
+    computed them, so a request admitted later in the same step can already share it (vLLM v1 and
+    Dynamo's mocker do this). Only for executors that write a step's KV before any of the step's
+    attention reads it; the fleet simulator turns it on to match Dynamo's replay."""
     long_prefill_token_threshold: int = 0
     """Cap on one request's new tokens per step (0: no cap beyond the step budget), so a long prompt
     shares steps with others' decodes."""

@@ -62,6 +62,8 @@ class EngineCore:
         self.event_sink = event_sink
         self.num_steps = 0
         self.last_step_seconds = 0.0
+        self.last_step_idle = False
+        """The last step scheduled nothing (e.g. every waiting request needs blocks that peers hold)."""
         self._ids = itertools.count()
 
     def add_request(
@@ -115,7 +117,17 @@ class EngineCore:
         return self.scheduler.abort(request_id)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.num_unfinished > 0 or bool(self.scheduler._aborted_outputs)
+        """Work remains: requests to run, outputs to report, or KV transfers in flight."""
+        return self.has_runnable() or self.has_pending_transfers()
+
+    def has_runnable(self) -> bool:
+        s = self.scheduler
+        return bool(s.waiting or s.running or s._aborted_outputs)
+
+    def has_pending_transfers(self) -> bool:
+        """KV being loaded from a peer, or held for a peer: `step()` must be polled to finish them."""
+        s = self.scheduler
+        return bool(s.waiting_for_kv or s.held or s.loads_to_drop)
 
     def step(self) -> list[EngineOutput]:
         sched = self.scheduler.schedule()
@@ -132,6 +144,7 @@ class EngineCore:
         if events and self.event_sink is not None:
             self.event_sink(events)
         self.num_steps += 1
+        self.last_step_idle = sched.empty and not outputs
         self.last_step_seconds = result.step_seconds
         return outputs
 

@@ -43,6 +43,8 @@ class Scheduler:
         self.running: list[Request] = []
         self.waiting_for_kv: dict[str, Request] = {}
         self.held: dict[str, Request] = {}
+        self.loads_to_drop: dict[str, Request] = {}
+        """Aborted while their KV was loading: freed when the load ends."""
         """Finished requests whose blocks a peer still reads."""
         self._finished_ids: set[str] = set()
         self._aborted_outputs: list[EngineOutput] = []
@@ -67,7 +69,13 @@ class Scheduler:
         if req.status == RequestStatus.RUNNING:
             self.running.remove(req)
         elif req.status == RequestStatus.WAITING_FOR_REMOTE_KV:
+            # A transfer may still be writing into its blocks: free them once it has stopped.
             del self.waiting_for_kv[request_id]
+            req.status = RequestStatus.FINISHED_ABORTED
+            self.loads_to_drop[request_id] = req
+            self._finished_ids.add(request_id)
+            self._aborted_outputs.append(self._output(req, []))
+            return True
         else:
             self.waiting.remove(req)
         req.status = RequestStatus.FINISHED_ABORTED
@@ -95,6 +103,8 @@ class Scheduler:
                 out.scheduled.append(
                     ScheduledRequest(req, n, req.num_computed_tokens, self.kv.block_ids(req.request_id))
                 )
+                if self.config.cache_blocks_on_schedule:
+                    self.kv.cache_computed_blocks(req, req.num_computed_tokens + n)
                 budget -= n
                 i += 1
 
@@ -146,6 +156,8 @@ class Scheduler:
             out.scheduled.append(
                 ScheduledRequest(req, n, req.num_computed_tokens, self.kv.block_ids(req.request_id))
             )
+            if self.config.cache_blocks_on_schedule:
+                self.kv.cache_computed_blocks(req, req.num_computed_tokens + n)
             budget -= n
         return budget
 
@@ -195,6 +207,11 @@ class Scheduler:
             req = self.held.pop(rid, None)
             if req is not None:
                 self.kv.free(req)
+                self.requests.pop(rid, None)
+        for rid in receiving | (failed or set()):
+            dropped = self.loads_to_drop.pop(rid, None)
+            if dropped is not None:
+                self.kv.free(dropped)
                 self.requests.pop(rid, None)
         for rid in receiving:
             req = self.waiting_for_kv.pop(rid, None)

@@ -90,12 +90,14 @@ class KVCacheManager:
         blocks.extend(new)
         return new
 
-    def cache_computed_blocks(self, request: Request) -> None:
-        """Register the request's full blocks whose KV is now computed (emits `BlockStored`)."""
+    def cache_computed_blocks(self, request: Request, num_tokens: int | None = None) -> None:
+        """Register the request's full blocks whose KV is now computed (emits `BlockStored`);
+        with `num_tokens`, those among its first `num_tokens` tokens (KV the running step writes)."""
         if not self.enable_prefix_caching:
             return
         rid = request.request_id
-        done = min(request.num_computed_tokens, request.num_tokens) // self.block_size
+        computed = request.num_computed_tokens if num_tokens is None else num_tokens
+        done = min(computed, request.num_tokens) // self.block_size
         done = min(done, len(request.block_hashes))
         start = self._num_hashed.get(rid, 0)
         if done <= start:

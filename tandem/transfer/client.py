@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 class BlockReader:
     """Reads held blocks from peers into `kv`. Keeps peers' shared-memory caches mapped."""
 
-    def __init__(self, kv: torch.Tensor, layout: KvLayout, *, prefer_shm: bool = True) -> None:
+    def __init__(self, kv: torch.Tensor | None, layout: KvLayout, *, prefer_shm: bool = True) -> None:
         self.kv = kv
         self.layout = layout
         self.prefer_shm = prefer_shm
@@ -34,22 +34,27 @@ class BlockReader:
         dst_block_ids: list[int],
         *,
         first_block: int = 0,
+        shm_path: str = "",
         timeout_s: float = 30.0,
     ) -> str:
         """Copy the blocks held under `handle` at `address` (minus the first `first_block`) into
-        `dst_block_ids`. Returns the path taken ("shm" or "tcp"). Raises TransferFailedError."""
+        `dst_block_ids`. Shared memory is used when the peer's `shm_path` exists on this host.
+        Returns the path taken ("shm", "tcp", or "none" without tensors). Raises TransferFailedError."""
+        use_shm = bool(shm_path) and self.prefer_shm and self.kv is not None and os.path.exists(shm_path)
+        via = "shm" if use_shm else "tcp"
         try:
-            return await asyncio.wait_for(self._read(address, handle, dst_block_ids, first_block), timeout_s)
+            return await asyncio.wait_for(
+                self._read(address, handle, dst_block_ids, first_block, via), timeout_s
+            )
         except TransferFailedError:
             raise
         except (OSError, asyncio.IncompleteReadError, TimeoutError) as e:
             raise TransferFailedError(f"reading KV {handle} from {address} failed: {e!r}") from e
 
-    async def _read(self, address: str, handle: str, dst_ids: list[int], first_block: int) -> str:
+    async def _read(self, address: str, handle: str, dst_ids: list[int], first_block: int, via: str) -> str:
         host, port = address.rsplit(":", 1)
         reader, writer = await asyncio.open_connection(host, int(port))
         try:
-            via = "shm" if self.prefer_shm and self.kv.device.type == "cpu" else "tcp"
             writer.write(pack(ReadBlocks(handle, self.layout, first_block, via)))
             reply = await read_message(reader)
             if not isinstance(reply, ReadReply):
@@ -58,7 +63,9 @@ class BlockReader:
                 raise TransferFailedError(reply.error)
             if reply.num_blocks != len(dst_ids):
                 raise TransferFailedError(f"peer holds {reply.num_blocks} blocks, {len(dst_ids)} expected")
-            if reply.shm_path and os.path.exists(reply.shm_path):
+            if self.kv is None:
+                path = "none"
+            elif reply.shm_path:
                 src = self._map(reply.shm_path, tuple(reply.shape))
                 copy_blocks(src, reply.src_block_ids, self.kv, dst_ids)
                 path = "shm"
@@ -78,6 +85,7 @@ class BlockReader:
         return src
 
     async def _recv_blocks(self, reader: asyncio.StreamReader, dst_ids: list[int]) -> None:
+        assert self.kv is not None
         block_bytes = self.layout.layer_block_bytes
         per_chunk = max(1, MAX_CHUNK_BYTES // block_bytes)
         shape = self.layout.layer_block_shape

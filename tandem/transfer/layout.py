@@ -26,6 +26,8 @@ class KvLayout(msgspec.Struct, frozen=True):
     dtype: str
     model: str = ""
     """The model's name or path; two workers exchange blocks only for the same model."""
+    engine: str = "builtin"
+    """"sim" for the simulated engine, whose blocks have no bytes: only the hand-off is real."""
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -28,14 +28,15 @@ class _Hold:
 
 
 class BlockServer:
-    """Serves `kv` (a [layers, blocks, 2, block, heads, dim] tensor) to peers.
+    """Serves `kv` (a [layers, blocks, 2, block, heads, dim] tensor) to peers. With `kv` None
+    (the simulated engine) only the hand-off runs: no bytes follow the reply.
 
     `on_release(handle)` runs (in the server's loop) when a hold ends: read by a peer or expired.
     """
 
     def __init__(
         self,
-        kv: torch.Tensor,
+        kv: torch.Tensor | None,
         layout: KvLayout,
         on_release: Callable[[str], None],
         *,
@@ -108,7 +109,7 @@ class BlockServer:
                 await writer.drain()
                 return
             ids = hold.block_ids[msg.first_block :]
-            if msg.via == "shm" and self.shm_path:
+            if msg.via == "shm" and self.shm_path and self.kv is not None:
                 writer.write(
                     pack(
                         ReadReply(
@@ -133,14 +134,14 @@ class BlockServer:
             writer.close()
 
     async def _send_blocks(self, writer: asyncio.StreamWriter, ids: list[int]) -> None:
-        if not ids:
+        if not ids or self.kv is None:
             return
         per_chunk = max(1, MAX_CHUNK_BYTES // self.layout.layer_block_bytes)
         index_all = torch.tensor(ids, dtype=torch.long, device=self.kv.device)
         for layer in range(self.layout.num_layers):
             for start in range(0, len(ids), per_chunk):
                 part = self.kv[layer].index_select(0, index_all[start : start + per_chunk]).cpu()
-                data = part.view(torch.uint8).numpy()
-                writer.write(memoryview(data).cast("B"))
-                self.bytes_sent += data.nbytes
+                data = part.view(torch.uint8).numpy().tobytes()
+                writer.write(data)
+                self.bytes_sent += len(data)
                 await writer.drain()

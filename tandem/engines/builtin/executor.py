@@ -9,7 +9,8 @@ does, by block ids and token counts.
 
 The KV cache is one tensor, `kv_cache: [num_layers, num_blocks, 2, block_size, kv_heads, head_dim]`
 (see `kv_cache.py`); `kv_caches[layer]` are its per-layer views. A KV connector's worker side, if
-given and if it has `register_kv_caches`, is handed the whole tensor to copy blocks in and out.
+given, may allocate the tensor (`allocate_kv_cache(shape, dtype, device)`, e.g. in shared memory)
+and, if it has `register_kv_caches`, is handed the whole tensor to copy blocks in and out.
 """
 
 from __future__ import annotations
@@ -26,7 +27,12 @@ from tandem.engine.config import EngineConfig
 from tandem.engine.executor import ExecutorOutput, SchedulerOutput
 from tandem.engine.request import Request
 from tandem.engines.builtin.attention import build_step
-from tandem.engines.builtin.kv_cache import allocate_kv_cache, bytes_per_block, num_blocks_for_bytes
+from tandem.engines.builtin.kv_cache import (
+    allocate_kv_cache,
+    bytes_per_block,
+    kv_cache_shape,
+    num_blocks_for_bytes,
+)
 from tandem.engines.builtin.model import DecoderModel
 from tandem.engines.builtin.sampler import Sampler
 
@@ -63,7 +69,12 @@ class BuiltinExecutor:
         self.num_blocks: int = config.num_blocks or num_blocks_for_bytes(
             cfg, self.block_size, self.dtype, config.kv_cache_bytes
         )
-        self.kv_cache = allocate_kv_cache(cfg, self.num_blocks, self.block_size, self.dtype, self.device)
+        if kv_connector_worker is not None and hasattr(kv_connector_worker, "allocate_kv_cache"):
+            # The connector may place the cache in shared memory so a same-host peer reads it directly.
+            shape = kv_cache_shape(cfg, self.num_blocks, self.block_size)
+            self.kv_cache = kv_connector_worker.allocate_kv_cache(shape, self.dtype, self.device)
+        else:
+            self.kv_cache = allocate_kv_cache(cfg, self.num_blocks, self.block_size, self.dtype, self.device)
         self.kv_caches: list[torch.Tensor] = list(self.kv_cache.unbind(0))
         """Per layer: [num_blocks, 2, block_size, kv_heads, head_dim], views of `kv_cache`."""
         self.sampler = Sampler(self.device)

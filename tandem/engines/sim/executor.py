@@ -1,9 +1,10 @@
 """Simulated executor: the real scheduler and KV manager, with a timing model instead of tensors.
 
-Each step lasts `timing.step_ms(shape) / speedup` on the given clock: a real clock sleeps (serving
-tests, overhead benchmarks), a virtual clock jumps (trace replay at data-centre scale). Sampled tokens
-are deterministic pseudo-random ids that never hit an end-of-sequence id, so lengths follow
-`max_tokens` as in a benchmark with `ignore_eos`.
+Each step lasts `timing.step_ms(shape) / speedup` (see `timing.py` for how prefill and decode parts
+combine, matching Dynamo's mocker) on the given clock: a real clock sleeps (serving tests, overhead
+benchmarks), a virtual clock jumps (trace replay at data-centre scale). Sampled tokens are
+deterministic pseudo-random ids that never hit an end-of-sequence id, so lengths follow `max_tokens`
+as in a benchmark with `ignore_eos`.
 """
 
 from __future__ import annotations
@@ -39,30 +40,44 @@ class SimExecutor:
             if cfg_path.is_file():
                 model_cfg = json.loads(cfg_path.read_text())
         self.num_blocks = config.num_blocks or DEFAULT_NUM_BLOCKS
+        self.kv_capacity_tokens = self.num_blocks * config.block_size
         self.max_model_len = config.max_model_len or int(model_cfg.get("max_position_embeddings", 1 << 20))
         eos = model_cfg.get("eos_token_id", ())
         self.eos_token_ids: tuple[int, ...] = tuple(eos) if isinstance(eos, list) else (eos,) if eos else ()
+        self._eos = frozenset(self.eos_token_ids)
         self.vocab_size = int(model_cfg.get("vocab_size", DEFAULT_VOCAB))
         self.timing = timing or PolynomialTiming()
         self.clock = clock or RealClock()
+        self._real_clock = isinstance(self.clock, RealClock)
         self.speedup = speedup
 
+    def shape(self, out: SchedulerOutput) -> StepShape:
+        """Classify a step's work: a decode is one token after a fully computed sequence (its
+        context is `start + 1` tokens); everything else is prefill (chunks, recomputes)."""
+        prefill_tokens = prefills = prefill_start = decodes = decode_ctx = 0
+        for item in out.scheduled:
+            n = item.num_new_tokens
+            if n == 1 and item.start >= len(item.request.prompt_token_ids):
+                decodes += 1
+                decode_ctx += item.start + 1
+            else:
+                prefill_tokens += n
+                prefills += 1
+                prefill_start += item.start
+        return StepShape(
+            prefill_tokens, decodes, out.kv_usage, decode_ctx, self.kv_capacity_tokens, prefills, prefill_start
+        )
+
     def execute(self, out: SchedulerOutput) -> ExecutorOutput:
-        started = time.perf_counter()
-        prefill_tokens = 0
-        decodes = 0
+        started = time.perf_counter() if self._real_clock else 0.0
         sampled: dict[str, tuple[int, float | None]] = {}
         for item in out.scheduled:
             req = item.request
-            if item.start >= req.num_prompt_tokens and item.num_new_tokens == 1:
-                decodes += 1
-            else:
-                prefill_tokens += item.num_new_tokens
-            if item.samples:
-                sampled[req.request_id] = (self._token(req.num_tokens, req.prompt_token_ids[0]), None)
-        ms = self.timing.step_ms(StepShape(prefill_tokens, decodes, out.kv_usage))
-        seconds = ms / 1000.0 / self.speedup
-        if isinstance(self.clock, RealClock):
+            # `item.samples`, inlined: this loop runs once per request per step in fleet replays.
+            if item.start + item.num_new_tokens == len(req.all_token_ids):
+                sampled[req.request_id] = (self._token(len(req.all_token_ids), req.prompt_token_ids[0]), None)
+        seconds = self.timing.step_ms(self.shape(out)) / 1000.0 / self.speedup
+        if self._real_clock:
             self.clock.wait(seconds - (time.perf_counter() - started))
         else:
             self.clock.wait(seconds)
@@ -71,6 +86,6 @@ class SimExecutor:
     def _token(self, position: int, salt: int) -> int:
         # A cheap deterministic mix; skip EOS ids so only max_tokens ends a simulated request.
         t = (position * 2654435761 + salt * 40503) % self.vocab_size
-        while t in self.eos_token_ids:
+        while t in self._eos:
             t = (t + 1) % self.vocab_size
         return t

@@ -1,0 +1,1 @@
+"""Benchmark inputs and helpers: workload traces, load generators."""

@@ -1,0 +1,169 @@
+"""Fleet simulator: N simulated engines (real scheduler + KV manager, timed steps) on one virtual clock.
+
+Discrete-event loop. Each worker is idle or busy until the end of its current step; the loop jumps
+to the earliest of (next arrival, earliest step end):
+
+    time ─────────────────────────────────────────────────────────────────────►
+    arrivals     a0 a1        a2                   a3
+    worker 0     [ step ][ step ][ step ]    (idle)  [ step ]...
+    worker 1        [    step     ][ step ][ step ]...
+
+- An arrival is routed at once (the router sees the workers as they are then) and queued on its
+  worker; an idle worker starts a step at that time. Arrivals at the same instant are all queued
+  before any worker starts, so they batch together.
+- A step is one `EngineCore.step()` (schedule -> execute -> update) run when the step starts; its
+  duration comes from the timing model, and its tokens become visible when it ends. Requests that
+  arrive during a step wait for the next one, as on a real engine.
+- When a step ends, its tokens are recorded at that time and the worker starts its next step at
+  once if it has work.
+
+Nothing sleeps: an hour of trace replays as fast as the scheduler's Python allows.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from tandem.bench.traces import TraceRequest
+from tandem.engine.config import EngineConfig
+from tandem.engine.core import EngineCore
+from tandem.engine.request import SamplingParams
+from tandem.engines.sim.clock import VirtualClock
+from tandem.engines.sim.executor import SimExecutor
+from tandem.engines.sim.timing import PolynomialTiming, TimingModel
+from tandem.protocol.errors import InvalidRequestError
+from tandem.protocol.messages import EngineOutput
+from tandem.sim.metrics import RequestRecord, RunMetrics
+from tandem.sim.routing import Router, RoundRobinRouter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    """One fleet of identical simulated workers."""
+
+    num_workers: int = 4
+    engine: EngineConfig = field(
+        default_factory=lambda: EngineConfig(
+            block_size=512,
+            num_blocks=2048,
+            max_num_seqs=256,
+            max_num_batched_tokens=8192,
+            cache_blocks_on_schedule=True,
+        )
+    )
+    """Every worker's engine settings (defaults: Dynamo's replay settings for the Mooncake trace)."""
+    timing: TimingModel = field(default_factory=PolynomialTiming)
+    speedup: float = 1.0
+    """Engine speed-up: every step lasts timing / speedup (Dynamo's `--speedup-ratio`)."""
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
+        if self.engine.num_blocks is None:
+            raise ValueError("a simulated fleet needs engine.num_blocks set")
+        if self.speedup <= 0:
+            raise ValueError(f"speedup must be > 0, got {self.speedup}")
+
+
+class SimWorker:
+    """One simulated engine and the fleet's bookkeeping for it. Routers read it, never write it."""
+
+    def __init__(self, index: int, config: FleetConfig) -> None:
+        self.index = index
+        self.clock = VirtualClock()
+        """The executor's own clock; the fleet keeps time itself and only reads step durations."""
+        self.executor = SimExecutor(
+            None, config.engine, timing=config.timing, clock=self.clock, speedup=config.speedup
+        )
+        self.core = EngineCore(config.engine, self.executor)
+        self.num_active = 0
+        """Requests routed here and not finished."""
+        self.busy = False
+        self.step_end = 0.0
+        self.pending: list[EngineOutput] = []
+        """Outputs of the running step, delivered when it ends."""
+
+
+class Fleet:
+    """Replays requests through `config.num_workers` workers routed by `router`."""
+
+    def __init__(self, config: FleetConfig, router: Router | None = None) -> None:
+        self.config = config
+        self.router = router or RoundRobinRouter()
+        self.workers = [SimWorker(i, config) for i in range(config.num_workers)]
+        self.now = 0.0
+
+    def run(self, requests: Sequence[TraceRequest], *, until: float | None = None) -> RunMetrics:
+        """Replay `requests` (any order; sorted by arrival here) to completion, or until simulated
+        time `until`. Returns the records; request i of the sorted list has record i."""
+        reqs = sorted(requests, key=lambda r: r.arrival_s)
+        metrics = RunMetrics(records=[RequestRecord(r.arrival_s, r.input_len) for r in reqs])
+        records = metrics.records
+        on_tokens = metrics.on_tokens
+        workers = self.workers
+        heap: list[tuple[float, int]] = []
+        n, i = len(reqs), 0
+        wall0 = time.perf_counter()
+        while i < n or heap:
+            if i < n and (not heap or reqs[i].arrival_s <= heap[0][0]):
+                t = reqs[i].arrival_s
+                if until is not None and t > until:
+                    break
+                self.now = t
+                touched: list[SimWorker] = []
+                while i < n and reqs[i].arrival_s <= t:
+                    w = self._arrive(reqs[i], i, records[i])
+                    if w is not None and not w.busy:
+                        touched.append(w)
+                    i += 1
+                for w in touched:
+                    if not w.busy:
+                        self._start(w, t, heap)
+                continue
+            t, wi = heapq.heappop(heap)
+            if until is not None and t > until:
+                break
+            self.now = t
+            w = workers[wi]
+            w.busy = False
+            for out in w.pending:
+                rec = records[int(out.request_id)]
+                done = out.finish_reason is not None
+                on_tokens(rec, t, len(out.new_token_ids), out.num_cached_tokens, done)
+                if done:
+                    w.num_active -= 1
+            w.pending = []
+            self._start(w, t, heap)
+        metrics.wall_s = time.perf_counter() - wall0
+        metrics.num_steps = sum(w.core.num_steps for w in workers)
+        return metrics
+
+    def _arrive(self, req: TraceRequest, i: int, rec: RequestRecord) -> SimWorker | None:
+        wi = self.router(req, self.workers)
+        w = self.workers[wi]
+        rec.engine = wi
+        sampling = SamplingParams(max_tokens=req.output_len, ignore_eos=True)
+        try:
+            w.core.add_request(req.prompt_token_ids(), sampling, request_id=str(i))
+        except InvalidRequestError as e:
+            log.warning("request %d rejected by worker %d: %s", i, wi, e)
+            return None
+        w.num_active += 1
+        return w
+
+    def _start(self, w: SimWorker, t: float, heap: list[tuple[float, int]]) -> None:
+        if not w.core.has_unfinished():
+            return
+        w.pending = w.core.step()
+        seconds = w.core.last_step_seconds
+        if seconds <= 0.0 and not w.pending:
+            raise RuntimeError(f"worker {w.index} has unfinished requests but scheduled nothing at t={t}")
+        w.busy = True
+        w.step_end = t + seconds
+        heapq.heappush(heap, (w.step_end, w.index))
