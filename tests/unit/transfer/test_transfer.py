@@ -37,7 +37,8 @@ async def test_blocks_arrive_identical_and_the_hold_is_released(via):
         dst = torch.zeros(SHAPE, dtype=torch.bfloat16)
         server.hold("req-1", [3, 4, 5, 9])
         reader = BlockReader(dst, KvLayout.of(dst, model="m"))
-        path = await reader.read(addr, "req-1", [0, 1, 7, 8], first_block=0)
+        shm_path = str(shared.path) if shared else ""
+        path = await reader.read(addr, "req-1", [0, 1, 7, 8], first_block=0, shm_path=shm_path)
         assert path == via
         assert torch.equal(dst[:, [0, 1, 7, 8]], src[:, [3, 4, 5, 9]])
         assert dst[:, 2].abs().sum() == 0, "only the destination blocks are written"
@@ -45,7 +46,7 @@ async def test_blocks_arrive_identical_and_the_hold_is_released(via):
         assert server.num_held == 0
         # Skipping blocks the reader already has.
         server.hold("req-2", [10, 11, 12])
-        await reader.read(addr, "req-2", [13], first_block=2)
+        await reader.read(addr, "req-2", [13], first_block=2, shm_path=shm_path)
         assert torch.equal(dst[:, 13], src[:, 12])
     finally:
         await server.stop()
