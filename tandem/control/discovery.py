@@ -56,7 +56,8 @@ class Discovery(LeaseStore, Protocol):
         ...
 
     def watch(self) -> AsyncIterator[builtins.list[WorkerInfo]]:
-        """The live workers now, then again after every change (register, update, expiry, revoke)."""
+        """The live workers now, then again after every change (register, update, expiry, revoke).
+        Level-triggered: changes faster than the reader coalesce into the latest snapshot."""
         ...
 
     async def close(self) -> None: ...

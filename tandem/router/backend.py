@@ -42,18 +42,14 @@ class RouterBackend:
         self._cards: dict[str, ModelCard] = {}
 
     def models(self) -> list[ModelCard]:
-        for w in self.discovery.snapshot():
-            if w.model not in self._cards:
-                self._cards[w.model] = ModelCard(
-                    name=w.model, model_dir=w.model_dir, max_model_len=w.max_model_len
-                )
+        self._live()
         return list(self._cards.values())
 
     def is_ready(self, model: str) -> bool:
         return bool(self._candidates(model))
 
     def workers(self) -> list[WorkerInfo]:
-        return self.discovery.snapshot()
+        return self._live()
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[EngineOutput]:
         tried: set[str] = set()
@@ -96,11 +92,20 @@ class RouterBackend:
     async def close(self) -> None:
         await self.pool.close()
 
+    def _live(self) -> list[WorkerInfo]:
+        workers = self.discovery.snapshot()
+        # Remember every model seen, so a model whose workers are all gone answers "overloaded"
+        # (retry later), not "does not exist".
+        for w in workers:
+            if w.model not in self._cards:
+                self._cards[w.model] = ModelCard(w.model, w.model_dir, w.max_model_len)
+        return workers
+
     def _candidates(self, model: str) -> list[WorkerInfo]:
-        return [w for w in self.discovery.snapshot() if w.model == model and w.status == "ready"]
+        return [w for w in self._live() if w.model == model and w.status == "ready"]
 
     def _known(self, model: str) -> bool:
-        return any(c.name == model for c in self.models())
+        return model in self._cards
 
     def _view(self, w: WorkerInfo) -> WorkerLoad:
         # Our in-flight count is exact and fresh; the worker's report is up to a second old but

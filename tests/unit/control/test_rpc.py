@@ -1,0 +1,162 @@
+"""Request plane end to end in one process: multiplexing, cancel, errors, peer death, heartbeats."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncGenerator
+from typing import Any
+
+import pytest
+
+from tandem.control.rpc_client import RpcClientPool, RpcConnection
+from tandem.control.rpc_server import RpcServer
+from tandem.protocol.errors import InvalidRequestError, OverloadedError, WorkerLostError
+from tandem.protocol.messages import EngineOutput, GenerateRequest, SamplingSpec
+from tandem.protocol.registry import WorkerLoad, WorkerStats
+from tandem.protocol.rpc import Call, GenerateCall, StatsCall
+
+
+class FakeWorker:
+    """Streams max_tokens outputs `delay` apart; records cancellations."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.delay = delay
+        self.cancelled: list[str] = []
+        self.server = RpcServer(self.handle)
+
+    async def handle(self, call: Call) -> AsyncGenerator[Any, None]:
+        if isinstance(call, StatsCall):
+            yield WorkerStats("w", "ready", WorkerLoad(active_requests=1))
+            return
+        assert isinstance(call, GenerateCall)
+        req = call.request
+        if req.model == "busy":
+            raise OverloadedError("too busy")
+        try:
+            for i in range(req.sampling.max_tokens):
+                await asyncio.sleep(self.delay)
+                last = i == req.sampling.max_tokens - 1
+                yield EngineOutput(req.request_id, [i], finish_reason="length" if last else None)
+        except asyncio.CancelledError:
+            self.cancelled.append(req.request_id)
+            raise
+
+
+def _req(rid: str, n: int, model: str = "m") -> GenerateCall:
+    return GenerateCall(GenerateRequest(rid, model, [1, 2], SamplingSpec(max_tokens=n)))
+
+
+async def _collect(pool: RpcClientPool, address: str, rid: str, n: int) -> list[int]:
+    tokens: list[int] = []
+    async with await pool.open(address, _req(rid, n)) as stream:
+        async for out in stream:
+            tokens += out.new_token_ids
+    return tokens
+
+
+async def test_many_concurrent_streams_share_one_connection() -> None:
+    w = FakeWorker(delay=0.001)
+    await w.server.start()
+    pool = RpcClientPool()
+    results = await asyncio.gather(*[_collect(pool, w.server.address, f"r{i}", 20) for i in range(50)])
+    assert all(r == list(range(20)) for r in results)
+    assert len(pool._conns[w.server.address]) == 1
+    stats = await pool.call(w.server.address, StatsCall())
+    assert stats.load.active_requests == 1
+    await pool.close()
+    await w.server.close()
+
+
+async def test_closing_a_stream_cancels_the_call_on_the_server() -> None:
+    w = FakeWorker(delay=0.01)
+    await w.server.start()
+    pool = RpcClientPool()
+    stream = await pool.open(w.server.address, _req("long", 10_000))
+    await stream.__anext__()
+    await stream.aclose()
+    for _ in range(100):
+        if w.cancelled:
+            break
+        await asyncio.sleep(0.01)
+    assert w.cancelled == ["long"]
+    assert w.server.num_streams == 0
+    await pool.close()
+    await w.server.close()
+
+
+async def test_server_errors_arrive_as_their_tandem_error() -> None:
+    w = FakeWorker()
+    await w.server.start()
+    pool = RpcClientPool()
+    with pytest.raises(OverloadedError, match="too busy"):
+        async for _ in await pool.open(w.server.address, _req("x", 3, model="busy")):
+            pass
+    # The connection survives a failed stream.
+    assert await _collect(pool, w.server.address, "y", 3) == [0, 1, 2]
+    await pool.close()
+    await w.server.close()
+
+
+async def test_too_large_request_is_refused_locally() -> None:
+    w = FakeWorker()
+    await w.server.start()
+    pool = RpcClientPool(max_frame_bytes=1000)
+    call = GenerateCall(GenerateRequest("big", "m", list(range(5000)), SamplingSpec()))
+    with pytest.raises(InvalidRequestError, match="too large"):
+        await pool.open(w.server.address, call)
+    await pool.close()
+    await w.server.close()
+
+
+async def test_server_closes_a_connection_that_sends_an_oversized_frame() -> None:
+    w = FakeWorker()
+    w.server.max_frame_bytes = 100
+    await w.server.start()
+    reader, writer = await asyncio.open_connection("127.0.0.1", w.server.port)
+    writer.write((1000).to_bytes(4, "big"))  # a length prefix over the limit
+    await writer.drain()
+    data = await asyncio.wait_for(reader.read(), 5.0)  # a Fail(0, ...) frame, then EOF
+    assert b"limit" in data
+    writer.close()
+    await w.server.close()
+
+
+async def test_server_death_mid_stream_raises_worker_lost() -> None:
+    w = FakeWorker(delay=0.01)
+    await w.server.start()
+    pool = RpcClientPool()
+    stream = await pool.open(w.server.address, _req("r", 10_000))
+    await stream.__anext__()
+    await w.server.close()
+    started = time.monotonic()
+    with pytest.raises(WorkerLostError):
+        async for _ in stream:
+            pass
+    assert time.monotonic() - started < 2.0
+    await pool.close()
+
+
+async def test_silent_peer_is_detected_by_heartbeat() -> None:
+    async def mute(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(30)  # accepts, never answers: a hung process
+
+    server = await asyncio.start_server(mute, "127.0.0.1", 0)
+    address = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    conn = await RpcConnection.connect(address, heartbeat_interval=0.1, heartbeat_timeout=0.5)
+    stream = conn.open(_req("r", 3))
+    started = time.monotonic()
+    with pytest.raises(WorkerLostError, match="did not answer"):
+        await asyncio.wait_for(stream.__anext__(), 5.0)
+    assert time.monotonic() - started < 2.0
+    await conn.close()
+    server.close()
+
+
+async def test_connect_to_nothing_raises_worker_lost() -> None:
+    sock_server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = sock_server.sockets[0].getsockname()[1]
+    sock_server.close()
+    await sock_server.wait_closed()
+    with pytest.raises(WorkerLostError, match="cannot connect"):
+        await RpcClientPool().open(f"127.0.0.1:{port}", _req("r", 1))

@@ -1,0 +1,143 @@
+"""RouterBackend over in-process workers (sim engine, real request plane on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from tandem.control.discovery import MemoryDiscovery
+from tandem.engine.config import EngineConfig
+from tandem.protocol.errors import ModelNotFoundError, OverloadedError
+from tandem.protocol.messages import GenerateRequest, SamplingSpec
+from tandem.protocol.registry import WorkerStats
+from tandem.protocol.rpc import StatsCall
+from tandem.router.backend import RouterBackend
+from tandem.worker.worker import Worker, WorkerConfig
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "simmodel"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"max_position_embeddings": 2048, "vocab_size": 1000}))
+    return d
+
+
+async def _start(model_dir: Path, discovery: MemoryDiscovery, n: int) -> list[Worker]:
+    workers = []
+    for i in range(n):
+        cfg = WorkerConfig(
+            str(model_dir),
+            engine="sim",
+            worker_id=f"w{i}",
+            speedup=50,
+            engine_config=EngineConfig(num_blocks=128),
+        )
+        w = Worker(cfg, discovery)
+        await w.start()
+        workers.append(w)
+    return workers
+
+
+def _req(rid: str, n: int = 8, model: str = "simmodel") -> GenerateRequest:
+    return GenerateRequest(rid, model, list(range(1, 30)), SamplingSpec(max_tokens=n))
+
+
+async def _run(backend: RouterBackend, req: GenerateRequest) -> list[int]:
+    tokens: list[int] = []
+    async for out in backend.generate(req):
+        tokens += out.new_token_ids
+    return tokens
+
+
+async def test_streams_and_spreads_across_workers(model_dir: Path) -> None:
+    d = MemoryDiscovery()
+    workers = await _start(model_dir, d, 2)
+    backend = RouterBackend(d, "round-robin")
+    assert [c.name for c in backend.models()] == ["simmodel"]
+    assert backend.is_ready("simmodel") and not backend.is_ready("other")
+    results = await asyncio.gather(*[_run(backend, _req(f"r{i}")) for i in range(10)])
+    assert all(len(r) == 8 for r in results)
+    steps = Counter({w.worker_id: w.stats().prompt_tokens_total for w in workers})
+    assert all(v > 0 for v in steps.values()), steps
+    await backend.close()
+    for w in workers:
+        await w.stop()
+
+
+async def test_least_loaded_spreads_concurrent_requests(model_dir: Path) -> None:
+    d = MemoryDiscovery()
+    workers = await _start(model_dir, d, 2)
+    backend = RouterBackend(d, "least-loaded")
+    picked: Counter[str] = Counter()
+
+    async def one(i: int) -> None:
+        async for _ in backend.generate(_req(f"r{i}", n=30)):
+            picked.update(backend.in_flight.keys())
+            break
+
+    await asyncio.gather(*[one(i) for i in range(6)])
+    assert set(picked) == {"w0", "w1"}
+    await backend.close()
+    for w in workers:
+        await w.stop()
+
+
+async def test_cancel_mid_stream_frees_kv(model_dir: Path) -> None:
+    d = MemoryDiscovery()
+    (w,) = await _start(model_dir, d, 1)
+    backend = RouterBackend(d)
+    gen = backend.generate(_req("long", n=100_000))
+    await gen.__anext__()
+    assert w.stats().load.num_used_blocks > 0
+    await gen.aclose()
+    for _ in range(100):
+        stats = await backend.pool.call(w.address, StatsCall())
+        assert isinstance(stats, WorkerStats)
+        if stats.load.num_used_blocks == 0 and stats.load.active_requests == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert stats.load.num_used_blocks == 0 and stats.num_free_blocks == stats.num_blocks
+    await backend.close()
+    await w.stop()
+
+
+async def test_errors_no_worker_unknown_model_and_draining(model_dir: Path) -> None:
+    d = MemoryDiscovery()
+    backend = RouterBackend(d)
+    with pytest.raises(ModelNotFoundError):
+        await _run(backend, _req("a"))
+    workers = await _start(model_dir, d, 2)
+    with pytest.raises(ModelNotFoundError):
+        await _run(backend, _req("b", model="nope"))
+    # A draining worker is never picked; new requests go to the other one.
+    await workers[0].drain(timeout=0)
+    for i in range(4):
+        await _run(backend, _req(f"c{i}"))
+    assert workers[0].stats().prompt_tokens_total == 0 and workers[1].stats().prompt_tokens_total > 0
+    await workers[1].drain(timeout=0)
+    with pytest.raises(OverloadedError):
+        await _run(backend, _req("d"))
+    for w in workers:
+        await w.stop()
+    # Known model, no live worker at all.
+    assert not backend.is_ready("simmodel")
+    with pytest.raises(OverloadedError):
+        await _run(backend, _req("e"))
+    await backend.close()
+
+
+async def test_refusal_before_first_token_retries_elsewhere(model_dir: Path) -> None:
+    d = MemoryDiscovery()
+    workers = await _start(model_dir, d, 2)
+    backend = RouterBackend(d, "round-robin")
+    workers[0].draining = True  # refuses, but discovery does not know yet (stale snapshot)
+    for i in range(4):
+        assert len(await _run(backend, _req(f"r{i}"))) == 8
+    await backend.close()
+    for w in workers:
+        await w.stop()
