@@ -132,8 +132,12 @@ def _decode(body: bytes, chat: bool) -> ChatCompletionRequest | CompletionReques
         return _CHAT_DECODER.decode(body) if chat else _COMPLETION_DECODER.decode(body)
     except msgspec.ValidationError as e:
         # msgspec says e.g. "Expected `int`, got `str` - at `$.max_tokens`".
+        # or "Object missing required field `messages`"; either names the parameter.
         msg = str(e)
         param = msg.rsplit("at `$.", 1)[1].rstrip("`") if "at `$." in msg else None
+        if "missing required field `" in msg:
+            field = msg.split("missing required field `", 1)[1].split("`", 1)[0]
+            param = f"{param}.{field}" if param else field
         raise FieldError(f"invalid request: {msg}", param) from e
     except msgspec.DecodeError as e:
         raise FieldError(f"the request body is not valid JSON: {e}") from e

@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from tandem.frontend.metrics import FastHistogram, FrontendMetrics
+
+
+def _samples(body: bytes) -> dict[tuple[str, tuple], float]:
+    out = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def test_fast_histogram_exposes_cumulative_buckets() -> None:
+    m = FrontendMetrics()
+    m.itl.observe(0.0007)
+    m.itl.observe(0.003, n=3)
+    m.itl.observe(100.0)
+    s = _samples(m.render())
+    name = "tandem_frontend_inter_token_latency_seconds"
+    assert s[(f"{name}_bucket", (("le", "0.001"),))] == 1
+    assert s[(f"{name}_bucket", (("le", "0.005"),))] == 4
+    assert s[(f"{name}_bucket", (("le", "+Inf"),))] == 5
+    assert s[(f"{name}_count", ())] == 5
+    assert abs(s[(f"{name}_sum", ())] - (0.0007 + 0.009 + 100.0)) < 1e-9
+
+
+def test_apps_have_separate_registries() -> None:
+    a, b = FrontendMetrics(), FrontendMetrics()
+    a.count_request("chat", 200)
+    a.count_tokens(10, 5, 4)
+    sa, sb = _samples(a.render()), _samples(b.render())
+    key = ("tandem_frontend_requests_total", (("endpoint", "chat"), ("status", "200")))
+    assert sa[key] == 1 and key not in sb
+    assert sa[("tandem_frontend_cached_tokens_total", ())] == 4
+
+
+def test_bucket_edges_are_inclusive() -> None:
+    h = FastHistogram("h", "doc", (1.0, 2.0))
+    h.observe(1.0)
+    assert h.counts == [1, 0, 0]

@@ -1,0 +1,128 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from tandem.frontend.errors import FieldError
+from tandem.frontend.preprocess import ModelTokenizer, chat_prompt_ids, completion_prompt_ids, prepare
+from tandem.protocol.errors import InvalidRequestError
+from tandem.protocol.openai import ChatCompletionRequest, CompletionRequest
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_dir: Path) -> ModelTokenizer:
+    return ModelTokenizer(tiny_dir)
+
+
+def chat(**fields: Any) -> ChatCompletionRequest:
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], **fields}
+    return msgspec.json.decode(msgspec.json.encode(body), type=ChatCompletionRequest)
+
+
+def completion(**fields: Any) -> CompletionRequest:
+    body = {"model": "m", "prompt": "hi", **fields}
+    return msgspec.json.decode(msgspec.json.encode(body), type=CompletionRequest)
+
+
+async def test_chat_prompt_matches_transformers(tok: ModelTokenizer, hf_tokenizer: Any) -> None:
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is the capital of France? ça va"},
+        {"role": "assistant", "content": "Paris."},
+        {"role": "user", "content": "And Germany?"},
+    ]
+    expected = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    expected = expected["input_ids"] if hasattr(expected, "keys") else expected
+    assert await chat_prompt_ids(tok, chat(messages=messages)) == list(expected)
+
+
+async def test_chat_content_parts_are_joined(tok: ModelTokenizer) -> None:
+    parts = [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
+    plain = await chat_prompt_ids(tok, chat(messages=[{"role": "user", "content": "a\nb"}]))
+    assert await chat_prompt_ids(tok, chat(messages=[{"role": "user", "content": parts}])) == plain
+    with pytest.raises(FieldError):
+        await chat_prompt_ids(tok, chat(messages=[{"role": "user", "content": [{"type": "image_url"}]}]))
+
+
+async def test_completion_prompt_uses_tokenizer_rule(tok: ModelTokenizer, hf_tokenizer: Any) -> None:
+    text = "<|im_start|>Hello, world"
+    assert await completion_prompt_ids(tok, completion(prompt=text)) == hf_tokenizer(text)["input_ids"]
+    assert await completion_prompt_ids(tok, completion(prompt=[5, 6, 7])) == [5, 6, 7]
+    assert await completion_prompt_ids(tok, completion(prompt=[[5, 6]])) == [5, 6]
+    assert await completion_prompt_ids(tok, completion(prompt=["hi"])) == hf_tokenizer("hi")["input_ids"]
+    with pytest.raises(FieldError):
+        await completion_prompt_ids(tok, completion(prompt=["a", "b"]))
+
+
+def test_max_tokens_is_clamped_to_the_context() -> None:
+    p = prepare(chat(max_tokens=1000), [1] * 90, max_model_len=100)
+    assert p.sampling.max_tokens == 10
+    p = prepare(chat(max_completion_tokens=5, max_tokens=50), [1] * 10, max_model_len=100)
+    assert p.sampling.max_tokens == 5
+    assert prepare(chat(), [1] * 10, max_model_len=100).sampling.max_tokens == 90
+    assert prepare(completion(), [1] * 10, max_model_len=100).sampling.max_tokens == 16
+
+
+def test_prompt_too_long_names_both_lengths() -> None:
+    with pytest.raises(InvalidRequestError, match=r"100 tokens.*context length is 100"):
+        prepare(chat(), [1] * 100, max_model_len=100)
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"temperature": -0.1}, "temperature"),
+        ({"temperature": 2.5}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": -2}, "top_k"),
+        ({"max_tokens": -1}, "max_tokens"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_completion_tokens": 0}, "max_completion_tokens"),
+        ({"n": 2}, "n"),
+        ({"min_tokens": -1}, "min_tokens"),
+        ({"min_tokens": 10, "max_tokens": 5}, "min_tokens"),
+        ({"stop": ""}, "stop"),
+        ({"stop": ["a"] * 17}, "stop"),
+        ({"stop_token_ids": [-1]}, "stop_token_ids"),
+        ({"top_logprobs": 3, "logprobs": True}, "top_logprobs"),
+        ({"presence_penalty": 0.5}, "presence_penalty"),
+    ],
+)
+def test_bad_sampling_fields_are_rejected(fields: dict[str, Any], param: str) -> None:
+    with pytest.raises(FieldError) as err:
+        prepare(chat(**fields), [1] * 10, max_model_len=100)
+    assert err.value.param == param
+
+
+def test_sampling_fields_map_to_the_spec() -> None:
+    p = prepare(
+        chat(
+            temperature=0,
+            top_p=0.5,
+            top_k=-1,
+            seed=7,
+            stop="x",
+            stop_token_ids=[9],
+            ignore_eos=True,
+            min_tokens=2,
+        ),
+        [1] * 10,
+        max_model_len=100,
+    )
+    s = p.sampling
+    assert (s.temperature, s.top_p, s.top_k, s.seed, s.stop_token_ids, s.ignore_eos, s.min_tokens) == (
+        0.0,
+        0.5,
+        0,
+        7,
+        [9],
+        True,
+        2,
+    )
+    assert p.stop == ("x",)
+    assert prepare(completion(logprobs=0), [1], 100).logprobs
+    assert not prepare(completion(), [1], 100).logprobs
