@@ -111,11 +111,17 @@ async def serve(
     from tandem.deploy.local import LocalLauncher
     from tandem.router.backend import RouterBackend
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # the readiness poll is not news
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
 
+    try:
+        sock = _listen(spec.host, spec.port)
+    except OSError as e:
+        print(f"tandem serve: cannot listen on {spec.host}:{spec.port}: {e}", file=sys.stderr)
+        return 2
     store = MemoryDiscovery()
     registry = RegistryServer(store)
     await registry.start()
@@ -124,7 +130,6 @@ async def serve(
         spec, registry.address, log_dir=log_dir, log_level=log_level, drain_timeout=drain_timeout
     )
     server = _http_server(_uvicorn_config(backend, spec))
-    sock = _listen(spec.host, spec.port)
     http_task = asyncio.create_task(server.serve(sockets=[sock]), name="http")
     code = 0
     try:

@@ -225,7 +225,9 @@ class RpcConnection:
         if self.closed:
             return
         err = e if isinstance(e, WorkerLostError) else WorkerLostError(f"{self.address}: {e}")
-        log.warning("lost connection to %s: %s", self.address, err)
+        # An idle connection closing is routine (a worker stopped); losing live streams is not.
+        level = logging.WARNING if self._streams else logging.INFO
+        log.log(level, "lost connection to %s (%d streams): %s", self.address, len(self._streams), err)
         self._fail_all(err)
         self._heartbeat_task.cancel()
         self._out.abort()

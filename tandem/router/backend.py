@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from tandem.control.discovery import Discovery
 from tandem.control.rpc_client import RpcClientPool
@@ -51,7 +51,7 @@ class RouterBackend:
     def workers(self) -> list[WorkerInfo]:
         return self._live()
 
-    async def generate(self, req: GenerateRequest) -> AsyncIterator[EngineOutput]:
+    async def generate(self, req: GenerateRequest) -> AsyncGenerator[EngineOutput, None]:
         tried: set[str] = set()
         last_error: Exception | None = None
         for _ in range(self.max_attempts):

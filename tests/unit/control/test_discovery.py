@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncGenerator
 
 import pytest
 
@@ -78,11 +79,11 @@ async def test_watch_wakes_on_expiry() -> None:
 
 
 @pytest.fixture
-async def registry() -> tuple[MemoryDiscovery, RegistryServer]:
+async def registry() -> AsyncGenerator[tuple[MemoryDiscovery, RegistryServer], None]:
     store = MemoryDiscovery()
     server = RegistryServer(store)
     await server.start()
-    yield store, server  # type: ignore[misc]
+    yield store, server
     await server.close()
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from tandem.control.framing import FrameError, FrameWriter, decode_frame, encode_frame, read_frame
 from tandem.protocol.messages import EngineOutput, GenerateRequest, SamplingSpec
-from tandem.protocol.rpc import End, GenerateCall, Open, Ping, Tokens, merge_outputs
+from tandem.protocol.rpc import End, Frame, GenerateCall, Open, Ping, Tokens, merge_outputs
 
 
 def _reader(data: bytes) -> asyncio.StreamReader:
@@ -21,7 +21,7 @@ def _reader(data: bytes) -> asyncio.StreamReader:
 
 async def test_roundtrip_every_frame_kind() -> None:
     req = GenerateRequest("r1", "m", [1, 2, 3], SamplingSpec(max_tokens=4))
-    frames = [Open(1, GenerateCall(req)), Tokens(1, EngineOutput("r1", [5, 6])), End(1), Ping(7)]
+    frames: list[Frame] = [Open(1, GenerateCall(req)), Tokens(1, EngineOutput("r1", [5, 6])), End(1), Ping(7)]
     reader = _reader(b"".join(encode_frame(f) for f in frames))
     assert [await read_frame(reader) for _ in frames] == frames
     with pytest.raises(asyncio.IncompleteReadError):

@@ -1,0 +1,58 @@
+"""Deployment spec: YAML parsing, validation, worker flags; the shipped examples parse."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from tandem.cli.serve import spec_from_args
+from tandem.deploy.spec import DeploymentSpec, PoolSpec
+
+EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
+
+
+def test_agg_example() -> None:
+    spec = DeploymentSpec.from_yaml(EXAMPLES / "agg.yaml")
+    assert not spec.disaggregated and spec.num_workers == 2 and spec.policy == "least-loaded"
+    assert spec.served_name == "tiny" and spec.port == 8000
+    args = spec.pools[0].worker_args()
+    assert args[args.index("--engine") + 1] == "sim" and args[args.index("--num-blocks") + 1] == "4096"
+
+
+def test_disagg_example_is_recognised_as_disaggregated() -> None:
+    spec = DeploymentSpec.from_yaml(EXAMPLES / "disagg.yaml")
+    assert spec.disaggregated and {p.role for p in spec.pools} == {"prefill", "decode"}
+
+
+@pytest.mark.parametrize(
+    ("data", "error"),
+    [
+        ({"pools": [{"replicas": 1}]}, "model"),
+        ({"model": "m", "pools": [{"replica": 1}]}, "unknown pool keys"),
+        ({"model": "m", "router": {"policy": "smart"}, "pools": [{}]}, "router policy"),
+        ({"model": "m", "pools": [{"role": "both"}]}, "role"),
+        ({"model": "m", "pools": [{"engine": "vllm"}]}, "engine"),
+        ({"model": "m", "pools": [{"replicas": 0}]}, "no workers"),
+        ({"model": "m", "pools": [{"engine_args": {"blocksize": 8}}]}, "unknown engine_args"),
+        ({"model": "m", "pools": [{"name": "a"}, {"name": "a"}]}, "unique"),
+        ({"model": "m", "frontend": {"prot": 1}, "pools": [{}]}, "unknown frontend keys"),
+    ],
+)
+def test_invalid_specs(data: dict, error: str) -> None:
+    with pytest.raises(ValueError, match=error):
+        DeploymentSpec.from_dict(data)
+
+
+def test_spec_from_flags() -> None:
+    ns = argparse.Namespace(
+        file=None, model="models/tiny", served_model_name=None, host="127.0.0.1", port=9000, workers=3,
+        engine="sim", router="random", speedup=5.0, dtype="float32", device="cpu", num_blocks=100,
+        block_size=None, max_num_seqs=None, max_num_batched_tokens=None,
+    )  # fmt: skip
+    spec = spec_from_args(ns)
+    assert spec.num_workers == 3 and spec.policy == "random" and spec.port == 9000
+    assert spec.pools[0] == PoolSpec(
+        name="worker", replicas=3, engine="sim", speedup=5.0, dtype="float32", engine_args={"num_blocks": 100}
+    )
