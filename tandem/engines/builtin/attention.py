@@ -8,7 +8,7 @@ K/V, gathered through its block table:
 
     per-layer cache  [num_blocks, 2, block_size, kv_heads, head_dim]   (index 1: 0 = K, 1 = V)
 
-Requests are ordered decodes first (one query token each, batched into one padded SDPA call),
+Requests are ordered decodes first (one query token each, batched into one padded matmul pair),
 then chunks of prompts (one SDPA call each, with a causal mask shifted by the tokens already
 cached). Masks, block tables and slot indices are built once per step and shared by every layer.
 Only tensor indexing and `scaled_dot_product_attention` are used, so the same code runs on CUDA.
@@ -51,8 +51,9 @@ class AttentionMetadata:
     """Rows [0, num_decodes) of the batch are single-token requests."""
     decode_block_table: torch.Tensor | None = None
     """[num_decodes, max_blocks] block ids, padded with block 0 (masked out)."""
-    decode_mask: torch.Tensor | None = None
-    """[num_decodes, 1, 1, max_blocks * block_size] bool, True for keys < the request's length."""
+    decode_bias: torch.Tensor | None = None
+    """[num_decodes, 1, 1, max_blocks * block_size] fp32: 0 for keys < the request's length, else
+    -inf (added to the scores, so padding slots get no weight)."""
     prefills: list[PrefillSeq] = field(default_factory=list)
 
 
@@ -113,7 +114,10 @@ def build_step(scheduled: Sequence[ScheduledRequest], block_size: int, device: t
         attn.num_decodes = len(decode_tables)
         attn.decode_block_table = long([t + [0] * (width - len(t)) for t in decode_tables])
         keys = torch.arange(width * block_size, device=device)
-        attn.decode_mask = (keys[None, :] < long(decode_lens)[:, None])[:, None, None, :]
+        valid = keys[None, :] < long(decode_lens)[:, None]
+        attn.decode_bias = torch.zeros(valid.shape, device=device).masked_fill(~valid, float("-inf"))[
+            :, None, None, :
+        ]
     for row, n, ctx, prefix_table in prefill_specs:
         mask = None
         if prefix_table is not None:
@@ -139,10 +143,8 @@ def paged_attention(
         g = kv_cache[meta.decode_block_table]  # [nd, max_blocks, 2, bs, Hkv, D]
         keys = g[:, :, 0].reshape(nd, -1, num_kv_heads, head_dim).transpose(1, 2)  # [nd, Hkv, S, D]
         vals = g[:, :, 1].reshape(nd, -1, num_kv_heads, head_dim).transpose(1, 2)
-        o = F.scaled_dot_product_attention(
-            q[:nd].unsqueeze(2), keys, vals, attn_mask=meta.decode_mask, enable_gqa=True
-        )  # [nd, Hq, 1, D]
-        out[:nd] = o.squeeze(2)
+        assert meta.decode_bias is not None
+        out[:nd] = _decode_attention(q[:nd], keys, vals, meta.decode_bias)
     for p in meta.prefills:
         rows = slice(p.q_start, p.q_start + p.q_len)
         qs = q[rows].transpose(0, 1).unsqueeze(0)  # [1, Hq, L, D]
@@ -162,3 +164,20 @@ def paged_attention(
         )  # [1, Hq, L, D]
         out[rows] = o[0].transpose(0, 1)
     return out
+
+
+def _decode_attention(
+    q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, bias: torch.Tensor
+) -> torch.Tensor:
+    """One query per request. q: [B, Hq, D]; keys, vals: [B, Hkv, S, D]; bias: [B, 1, 1, S].
+
+    Two batched matmuls instead of SDPA: with a single query row the fused CPU kernels gain nothing
+    and run ~10x slower in bf16. The query heads sharing a KV head form its rows (GQA without
+    repeating K/V); the softmax runs in fp32.
+    """
+    b, hq, d = q.shape
+    hkv = keys.shape[1]
+    qg = q.view(b, hkv, hq // hkv, d)  # [B, Hkv, G, D]
+    scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * d**-0.5 + bias  # [B, Hkv, G, S]
+    probs = scores.softmax(dim=-1).to(vals.dtype)
+    return torch.matmul(probs, vals).view(b, hq, d)

@@ -29,8 +29,7 @@ class LayerWeights:
     qkv_bias: torch.Tensor | None  # [(Hq + 2 * Hkv) * D]
     o: torch.Tensor  # [hidden, Hq * D]
     o_bias: torch.Tensor | None  # [hidden]
-    q_norm: torch.Tensor | None  # [D] (Qwen3)
-    k_norm: torch.Tensor | None  # [D] (Qwen3)
+    qk_norm: torch.Tensor | None  # [Hq + Hkv, D] (Qwen3): q_norm for query heads, k_norm for key heads
     post_norm: torch.Tensor  # [hidden]
     gate_up: torch.Tensor  # [2 * intermediate, hidden]: gate rows, then up rows
     gate_up_bias: torch.Tensor | None
@@ -46,7 +45,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def rope_tables(cfg: ModelConfig, max_len: int, dtype: torch.dtype, device: torch.device):
-    """cos, sin: [max_len, head_dim] each, computed in fp32 and cast once (as HF does per step)."""
+    """cos, sin: [max_len, head_dim] each, computed in fp32 and cast once (as HF does per step).
+
+    `sin`'s first half is negated so that `apply_rope` can rotate with one `roll`:
+    rotate_half(x) * sin == roll(x, D/2) * [-sin_lo, sin_hi], exactly (only a sign moves)."""
     dim = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     scaling = cfg.rope_scaling or {}
@@ -57,7 +59,9 @@ def rope_tables(cfg: ModelConfig, max_len: int, dtype: torch.dtype, device: torc
     t = torch.arange(max_len, dtype=torch.float32)
     freqs = torch.outer(t, inv_freq)  # [max_len, D/2]
     emb = torch.cat((freqs, freqs), dim=-1)  # rotate-half layout: [f0..f(D/2-1), f0..f(D/2-1)]
-    return emb.cos().to(device=device, dtype=dtype), emb.sin().to(device=device, dtype=dtype)
+    sin = emb.sin()
+    sin[:, : dim // 2].neg_()
+    return emb.cos().to(device=device, dtype=dtype), sin.to(device=device, dtype=dtype)
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
@@ -72,11 +76,9 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
     return torch.where(medium, blended, scaled)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, H, D]; cos, sin: [T, 1, D]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, H, D]; cos, signed_sin: [T, 1, D] rows of `rope_tables`."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 class DecoderModel:
@@ -96,7 +98,7 @@ class DecoderModel:
         self.lm_head = lm_head  # [vocab, hidden]; the same tensor as `embed` when tied
         self.cos, self.sin = rope_tables(cfg, max_len, embed.dtype, embed.device)
         self.q_size = cfg.num_heads * cfg.head_dim
-        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.qk_size = self.q_size + cfg.num_kv_heads * cfg.head_dim
 
     @classmethod
     def load(
@@ -141,15 +143,13 @@ class DecoderModel:
         for w, kv_cache in zip(self.layers, kv_caches, strict=True):
             x = rms_norm(h, w.input_norm, eps)
             qkv = F.linear(x, w.qkv, w.qkv_bias)  # [T, (Hq + 2 Hkv) D]
-            q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
-            q = q.view(t, cfg.num_heads, cfg.head_dim)
-            k = k.view(t, cfg.num_kv_heads, cfg.head_dim)
-            v = v.view(t, cfg.num_kv_heads, cfg.head_dim)
-            if w.q_norm is not None and w.k_norm is not None:
-                q = rms_norm(q, w.q_norm, eps)
-                k = rms_norm(k, w.k_norm, eps)
-            q = apply_rope(q, cos, sin)
-            k = apply_rope(k, cos, sin)
+            # Query and key heads are adjacent columns: norm and rotate them as one [T, Hq + Hkv, D].
+            qk = qkv[:, : self.qk_size].view(t, -1, cfg.head_dim)
+            if w.qk_norm is not None:
+                qk = rms_norm(qk, w.qk_norm, eps)
+            qk = apply_rope(qk, cos, sin)
+            q, k = qk[:, : cfg.num_heads], qk[:, cfg.num_heads :]
+            v = qkv[:, self.qk_size :].view(t, cfg.num_kv_heads, cfg.head_dim)
             o = paged_attention(q, k, v, kv_cache, attn)  # [T, Hq, D]
             h = h + F.linear(o.reshape(t, self.q_size), w.o, w.o_bias)
             x = rms_norm(h, w.post_norm, eps)
@@ -176,8 +176,14 @@ def _load_layer(
         qkv_bias=fused([n + ".bias" for n in qkv_names]) if cfg.qkv_bias else None,
         o=get("self_attn.o_proj.weight"),
         o_bias=get("self_attn.o_proj.bias") if cfg.o_bias else None,
-        q_norm=get("self_attn.q_norm.weight") if cfg.qk_norm else None,
-        k_norm=get("self_attn.k_norm.weight") if cfg.qk_norm else None,
+        qk_norm=torch.cat(
+            (
+                get("self_attn.q_norm.weight").expand(cfg.num_heads, -1),
+                get("self_attn.k_norm.weight").expand(cfg.num_kv_heads, -1),
+            )
+        )
+        if cfg.qk_norm
+        else None,
         post_norm=get("post_attention_layernorm.weight"),
         gate_up=fused([n + ".weight" for n in mlp_names]),
         gate_up_bias=fused([n + ".bias" for n in mlp_names]) if cfg.mlp_bias else None,
