@@ -70,7 +70,8 @@ class TokenSpace:
         with np.errstate(over="ignore"):
             # (seed, key) -> a 64-bit block salt; salt + position -> a token. Vectorised: ~1 us/block.
             # The odd offset keeps key 0 / seed 0 away from mix64's fixed point at 0.
-            salt = _mix64(keys_u * np.uint64(0x9E3779B97F4A7C15) + np.uint64(self.seed & 0xFFFFFFFF) + _OFFSET)
+            seed = np.uint64(self.seed & 0xFFFFFFFF)
+            salt = _mix64(keys_u * np.uint64(0x9E3779B97F4A7C15) + seed + _OFFSET)
             raw = _mix64(salt[:, None] + pos[None, :] * np.uint64(0xD1B54A32D192ED03))
         span = np.uint64(self.vocab_hi - self.vocab_lo)
         tokens = (raw % span).astype(np.int64) + self.vocab_lo

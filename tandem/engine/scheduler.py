@@ -184,7 +184,8 @@ class Scheduler:
             if req.status != RequestStatus.RUNNING:
                 continue  # aborted while the step ran
             req.num_computed_tokens += item.num_new_tokens
-            self.kv.cache_computed_blocks(req)
+            if not self.config.cache_blocks_on_schedule:  # else `schedule` already cached them
+                self.kv.cache_computed_blocks(req)
             sampled = result.sampled.get(req.request_id)
             if sampled is None:
                 continue

@@ -77,6 +77,14 @@ class KVCacheManager:
         """Reference `hit`'s blocks and add blocks for `num_new_tokens` more tokens beyond
         `request.num_computed_tokens + hit.num_tokens`. Returns the new block ids, or None (and
         changes nothing) when too few blocks are free."""
+        if not hit.block_ids:
+            # Fast path, taken by nearly every decode step: the blocks held already cover the step.
+            held = self._blocks.get(request.request_id)
+            if (
+                held is not None
+                and len(held) * self.block_size >= request.num_computed_tokens + num_new_tokens
+            ):
+                return []
         need = self._num_new_blocks(request, num_new_tokens, hit)
         if need > self._num_available(hit):
             return None
@@ -97,9 +105,12 @@ class KVCacheManager:
             return
         rid = request.request_id
         computed = request.num_computed_tokens if num_tokens is None else num_tokens
+        start = self._num_hashed.get(rid, 0)
+        # Cheap exit first: called for every scheduled request every step, it rarely has work.
+        if computed < (start + 1) * self.block_size:
+            return
         done = min(computed, request.num_tokens) // self.block_size
         done = min(done, len(request.block_hashes))
-        start = self._num_hashed.get(rid, 0)
         if done <= start:
             return
         blocks = self._blocks[rid]

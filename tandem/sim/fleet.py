@@ -38,7 +38,7 @@ from tandem.engines.sim.timing import PolynomialTiming, TimingModel
 from tandem.protocol.errors import InvalidRequestError
 from tandem.protocol.messages import EngineOutput
 from tandem.sim.metrics import RequestRecord, RunMetrics
-from tandem.sim.routing import Router, RoundRobinRouter
+from tandem.sim.routing import RoundRobinRouter, Router
 
 log = logging.getLogger(__name__)
 

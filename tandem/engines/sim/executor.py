@@ -51,32 +51,37 @@ class SimExecutor:
         self._real_clock = isinstance(self.clock, RealClock)
         self.speedup = speedup
 
-    def shape(self, out: SchedulerOutput) -> StepShape:
-        """Classify a step's work: a decode is one token after a fully computed sequence (its
-        context is `start + 1` tokens); everything else is prefill (chunks, recomputes)."""
-        prefill_tokens = prefills = prefill_start = decodes = decode_ctx = 0
-        for item in out.scheduled:
-            n = item.num_new_tokens
-            if n == 1 and item.start >= len(item.request.prompt_token_ids):
-                decodes += 1
-                decode_ctx += item.start + 1
-            else:
-                prefill_tokens += n
-                prefills += 1
-                prefill_start += item.start
-        return StepShape(
-            prefill_tokens, decodes, out.kv_usage, decode_ctx, self.kv_capacity_tokens, prefills, prefill_start
-        )
-
     def execute(self, out: SchedulerOutput) -> ExecutorOutput:
         started = time.perf_counter() if self._real_clock else 0.0
         sampled: dict[str, tuple[int, float | None]] = {}
+        # One pass over the batch for both the timing shape and the sampled tokens: in fleet replays
+        # this loop runs once per request per step, millions of times.
+        prefill_tokens = prefills = prefill_start = decodes = decode_ctx = 0
         for item in out.scheduled:
             req = item.request
-            # `item.samples`, inlined: this loop runs once per request per step in fleet replays.
-            if item.start + item.num_new_tokens == len(req.all_token_ids):
-                sampled[req.request_id] = (self._token(len(req.all_token_ids), req.prompt_token_ids[0]), None)
-        seconds = self.timing.step_ms(self.shape(out)) / 1000.0 / self.speedup
+            n, start = item.num_new_tokens, item.start
+            # A decode is one token after a fully computed sequence (its context: start + 1 tokens);
+            # anything else is prefill (prompt chunks, recomputes after preemption).
+            if n == 1 and start >= len(req.prompt_token_ids):
+                decodes += 1
+                decode_ctx += start + 1
+            else:
+                prefill_tokens += n
+                prefills += 1
+                prefill_start += start
+            num_tokens = len(req.all_token_ids)
+            if start + n == num_tokens:  # `item.samples`
+                sampled[req.request_id] = (self._token(num_tokens, req.prompt_token_ids[0]), None)
+        shape = StepShape(
+            prefill_tokens,
+            decodes,
+            out.kv_usage,
+            decode_ctx,
+            self.kv_capacity_tokens,
+            prefills,
+            prefill_start,
+        )
+        seconds = self.timing.step_ms(shape) / 1000.0 / self.speedup
         if self._real_clock:
             self.clock.wait(seconds - (time.perf_counter() - started))
         else:

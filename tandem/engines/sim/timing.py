@@ -25,6 +25,7 @@ interpolated, so the simulator can stand in for that engine.
 from __future__ import annotations
 
 import bisect
+import itertools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -124,7 +125,7 @@ def _sorted_axis(name: str, values: Any) -> list[float]:
     axis = [float(v) for v in values]
     if not axis:
         raise ValueError(f"profile axis {name!r} is empty")
-    if any(b <= a for a, b in zip(axis, axis[1:], strict=False)):
+    if any(b <= a for a, b in itertools.pairwise(axis)):
         raise ValueError(f"profile axis {name!r} must be strictly increasing")
     return axis
 
