@@ -140,9 +140,9 @@ def paged_attention(
     nd = meta.num_decodes
     if nd:
         assert meta.decode_block_table is not None
-        g = kv_cache[meta.decode_block_table]  # [nd, max_blocks, 2, bs, Hkv, D]
-        keys = g[:, :, 0].reshape(nd, -1, num_kv_heads, head_dim).transpose(1, 2)  # [nd, Hkv, S, D]
-        vals = g[:, :, 1].reshape(nd, -1, num_kv_heads, head_dim).transpose(1, 2)
+        # Gathering K and V apart yields contiguous [nd, max_blocks, bs, Hkv, D] tensors: one copy each.
+        keys = kv_cache[:, 0][meta.decode_block_table].view(nd, -1, num_kv_heads, head_dim).transpose(1, 2)
+        vals = kv_cache[:, 1][meta.decode_block_table].view(nd, -1, num_kv_heads, head_dim).transpose(1, 2)
         assert meta.decode_bias is not None
         out[:nd] = _decode_attention(q[:nd], keys, vals, meta.decode_bias)
     for p in meta.prefills:
@@ -151,9 +151,8 @@ def paged_attention(
         if p.block_ids is None:
             ks, vs = k[rows], v[rows]
         else:
-            g = kv_cache[p.block_ids]  # [nb, 2, bs, Hkv, D]
-            ks = g[:, 0].reshape(-1, num_kv_heads, head_dim)[: p.ctx_len]
-            vs = g[:, 1].reshape(-1, num_kv_heads, head_dim)[: p.ctx_len]
+            ks = kv_cache[:, 0][p.block_ids].view(-1, num_kv_heads, head_dim)[: p.ctx_len]  # [ctx, Hkv, D]
+            vs = kv_cache[:, 1][p.block_ids].view(-1, num_kv_heads, head_dim)[: p.ctx_len]
         o = F.scaled_dot_product_attention(
             qs,
             ks.transpose(0, 1).unsqueeze(0),
