@@ -35,12 +35,16 @@ class RpcServer:
         host: str = "127.0.0.1",
         port: int = 0,
         max_frame_bytes: int = MAX_FRAME_BYTES,
+        client_timeout: float = 15.0,
         name: str = "rpc",
     ) -> None:
         self.handler = handler
         self.host = host
         self.port = port
         self.max_frame_bytes = max_frame_bytes
+        self.client_timeout = client_timeout
+        """A client that sends nothing (not even its heartbeat pings) for this long is gone: its
+        connection is closed and its calls cancelled, so a vanished host cannot pin KV blocks."""
         self.name = name
         self._server: asyncio.Server | None = None
         self._conns: set[_ServerConnection] = set()
@@ -92,7 +96,9 @@ class _ServerConnection:
     async def serve(self) -> None:
         try:
             while True:
-                frame = await read_frame(self.reader, self.server.max_frame_bytes)
+                frame = await asyncio.wait_for(
+                    read_frame(self.reader, self.server.max_frame_bytes), self.server.client_timeout
+                )
                 if isinstance(frame, Open):
                     if frame.sid in self.tasks:
                         self.out.send(Fail(frame.sid, "invalid_request_error", "stream id already in use"))
@@ -110,6 +116,13 @@ class _ServerConnection:
             if isinstance(e, FrameError):
                 log.warning("%s: closing connection from %s: %s", self.server.name, self.peer, e)
                 self.out.send(Fail(0, "invalid_request_error", str(e)))
+        except TimeoutError:
+            log.warning(
+                "%s: client %s silent for %.0f s: closing",
+                self.server.name,
+                self.peer,
+                self.server.client_timeout,
+            )
         except asyncio.CancelledError:
             pass
         finally:

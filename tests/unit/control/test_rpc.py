@@ -9,12 +9,13 @@ from typing import Any
 
 import pytest
 
+from tandem.control.framing import encode_frame
 from tandem.control.rpc_client import RpcClientPool, RpcConnection
 from tandem.control.rpc_server import RpcServer
 from tandem.protocol.errors import InvalidRequestError, OverloadedError, WorkerLostError
 from tandem.protocol.messages import EngineOutput, GenerateRequest, SamplingSpec
 from tandem.protocol.registry import WorkerLoad, WorkerStats
-from tandem.protocol.rpc import Call, GenerateCall, StatsCall
+from tandem.protocol.rpc import Call, GenerateCall, Open, StatsCall
 
 
 class FakeWorker:
@@ -160,3 +161,19 @@ async def test_connect_to_nothing_raises_worker_lost() -> None:
     await sock_server.wait_closed()
     with pytest.raises(WorkerLostError, match="cannot connect"):
         await RpcClientPool().open(f"127.0.0.1:{port}", _req("r", 1))
+
+
+async def test_silent_client_is_dropped_and_its_calls_cancelled() -> None:
+    w = FakeWorker(delay=0.01)
+    w.server.client_timeout = 0.3
+    await w.server.start()
+    _, writer = await asyncio.open_connection("127.0.0.1", w.server.port)
+    writer.write(encode_frame(Open(1, _req("orphan", 10_000))))  # then never a ping: a vanished host
+    await writer.drain()
+    for _ in range(200):
+        if w.cancelled:
+            break
+        await asyncio.sleep(0.01)
+    assert w.cancelled == ["orphan"]
+    writer.close()
+    await w.server.close()
