@@ -37,7 +37,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--workers", type=int, default=1, help="aggregated workers (prefill and decode)")
+    p.add_argument("--prefill-workers", type=int, default=0, help="disaggregated: prefill workers")
+    p.add_argument("--decode-workers", type=int, default=0, help="disaggregated: decode workers")
+    p.add_argument(
+        "--disagg-min-prompt-tokens",
+        type=int,
+        default=64,
+        help="shorter prompts prefill on the decode worker (conditional disaggregation)",
+    )
+    p.add_argument(
+        "--enforce-disagg", action="store_true", help="refuse instead of prefilling on decode workers"
+    )
     p.add_argument("--engine", choices=ENGINES, default="builtin")
     p.add_argument("--router", default="round-robin", help="round-robin | random | least-loaded")
     p.add_argument("--speedup", type=float, default=1.0, help="sim engine: faster than modelled time")
@@ -65,23 +76,36 @@ def spec_from_args(args: argparse.Namespace) -> DeploymentSpec:
         for k in ("num_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens")
         if getattr(args, k) is not None
     }
-    pool = PoolSpec(
-        name="worker",
-        role="agg",
-        replicas=args.workers,
-        engine=args.engine,
-        speedup=args.speedup,
-        dtype=args.dtype,
-        device=args.device,
-        engine_args=engine_args,
-    )
+
+    def pool(name: str, role: str, replicas: int) -> PoolSpec:
+        return PoolSpec(
+            name=name,
+            role=role,
+            replicas=replicas,
+            engine=args.engine,
+            speedup=args.speedup,
+            dtype=args.dtype,
+            device=args.device,
+            engine_args=engine_args,
+        )
+
+    pools: tuple[PoolSpec, ...]
+    if args.prefill_workers or args.decode_workers:
+        pools = (
+            pool("prefill", "prefill", args.prefill_workers),
+            pool("decode", "decode", args.decode_workers),
+        )
+    else:
+        pools = (pool("worker", "agg", args.workers),)
     return DeploymentSpec(
         model=args.model,
         served_name=args.served_model_name,
         host=args.host,
         port=args.port,
         policy=args.router,
-        pools=(pool,),
+        pools=pools,
+        disagg_min_prompt_tokens=args.disagg_min_prompt_tokens,
+        enforce_disagg=args.enforce_disagg,
     )
 
 
@@ -93,13 +117,6 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"tandem serve: {e}", file=sys.stderr)
         return 2
-    if spec.disaggregated:
-        print(
-            "tandem serve: prefill/decode pools are not supported yet (disaggregated serving is a "
-            "later issue); use role: agg",
-            file=sys.stderr,
-        )
-        return 2
     return run_event_loop(serve(spec, args.log_dir, args.log_level, args.drain_timeout, args.ready_timeout))
 
 
@@ -110,6 +127,7 @@ async def serve(
     from tandem.control.registry import RegistryServer
     from tandem.deploy.local import LocalLauncher
     from tandem.router.backend import RouterBackend
+    from tandem.router.disagg import DisaggPolicy
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # the readiness poll is not news
     stop = asyncio.Event()
@@ -125,7 +143,8 @@ async def serve(
     store = MemoryDiscovery()
     registry = RegistryServer(store)
     await registry.start()
-    backend = RouterBackend(store, spec.policy)
+    disagg = DisaggPolicy(spec.disagg_min_prompt_tokens, spec.enforce_disagg)
+    backend = RouterBackend(store, spec.policy, disagg=disagg)
     launcher = LocalLauncher(
         spec, registry.address, log_dir=log_dir, log_level=log_level, drain_timeout=drain_timeout
     )

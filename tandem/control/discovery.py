@@ -23,6 +23,7 @@ from typing import Protocol
 
 import msgspec
 
+from tandem.protocol.errors import InvalidRequestError
 from tandem.protocol.registry import Status, WorkerInfo, WorkerLoad
 
 log = logging.getLogger(__name__)
@@ -150,6 +151,7 @@ class MemoryDiscovery:
 
     async def grant(self, info: WorkerInfo, ttl: float) -> int:
         assert ttl > 0, "a lease needs a positive TTL"
+        self._check_kv_layout(info)
         # A worker that re-registers (restart, expired lease) replaces its old entry.
         for lid, e in list(self._entries.items()):
             if e.info.worker_id == info.worker_id:
@@ -159,6 +161,21 @@ class MemoryDiscovery:
         log.info("registered %s at %s (%s, lease %d)", info.worker_id, info.address, info.model, lease_id)
         self._bump()
         return lease_id
+
+    def _check_kv_layout(self, info: WorkerInfo) -> None:
+        """Workers of one model must lay out KV blocks alike, or a transfer would corrupt output."""
+        if info.kv_layout is None:
+            return
+        for e in self._entries.values():
+            other = e.info
+            if other.worker_id == info.worker_id or other.model != info.model or other.kv_layout is None:
+                continue
+            diffs = info.kv_layout.differences(other.kv_layout)
+            if diffs:
+                raise InvalidRequestError(
+                    f"worker {info.worker_id} cannot join model {info.model!r}: its KV layout differs from "
+                    f"worker {other.worker_id}'s (" + "; ".join(diffs) + ")"
+                )
 
     async def keepalive(self, lease_id: int, info: WorkerInfo | None = None) -> bool:
         self._expire()

@@ -75,12 +75,18 @@ class DeploymentSpec:
     policy: str = "round-robin"
     pools: tuple[PoolSpec, ...] = (PoolSpec(),)
     name: str = "tandem"
+    disagg_min_prompt_tokens: int = 64
+    """Prompts shorter than this prefill on the decode worker (conditional disaggregation)."""
+    enforce_disagg: bool = False
+    """Refuse (503) rather than prefill on a decode worker when no prefill worker is live."""
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"router policy must be one of {tuple(POLICIES)}, got {self.policy!r}")
         if not self.pools or sum(p.replicas for p in self.pools) == 0:
             raise ValueError("the deployment has no workers")
+        if self.disagg_min_prompt_tokens < 0:
+            raise ValueError("disagg_min_prompt_tokens must be >= 0")
         names = [p.name for p in self.pools]
         if len(set(names)) != len(names):
             raise ValueError(f"pool names must be unique, got {names}")
@@ -105,7 +111,7 @@ class DeploymentSpec:
         frontend = data.get("frontend") or {}
         _check_keys("frontend", frontend, {"host", "port"})
         router = data.get("router") or {}
-        _check_keys("router", router, {"policy"})
+        _check_keys("router", router, {"policy", "disagg_min_prompt_tokens", "enforce_disagg"})
         pools = []
         known = {f.name for f in fields(PoolSpec)}
         for raw in data.get("pools") or []:
@@ -119,6 +125,8 @@ class DeploymentSpec:
             policy=router.get("policy", "round-robin"),
             pools=tuple(pools),
             name=data.get("name", "tandem"),
+            disagg_min_prompt_tokens=int(router.get("disagg_min_prompt_tokens", 64)),
+            enforce_disagg=bool(router.get("enforce_disagg", False)),
         )
 
     @classmethod

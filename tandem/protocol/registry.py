@@ -11,6 +11,8 @@ from typing import Literal
 
 import msgspec
 
+from tandem.protocol.kv_layout import KvLayout
+
 Role = Literal["agg", "prefill", "decode"]
 Status = Literal["ready", "draining"]
 
@@ -51,6 +53,10 @@ class WorkerInfo(msgspec.Struct, frozen=True, omit_defaults=True):
     status: Status = "ready"
     load: WorkerLoad = WorkerLoad()
     engine: str = ""
+    kv_layout: KvLayout | None = None
+    """How this worker's KV blocks are laid out; None if it takes no part in KV transfer."""
+    kv_address: str = ""
+    """host:port of the worker's KV block server (disaggregation), "" if none."""
 
 
 class WorkerStats(msgspec.Struct, frozen=True, tag="stats", array_like=True):

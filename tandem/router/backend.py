@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncIterator, Callable
+
+import msgspec
 
 from tandem.control.discovery import Discovery
 from tandem.control.rpc_client import RpcClientPool
 from tandem.protocol.errors import ModelNotFoundError, OverloadedError, WorkerLostError
 from tandem.protocol.messages import EngineOutput, GenerateRequest
 from tandem.protocol.registry import WorkerInfo
-from tandem.protocol.rpc import GenerateCall
+from tandem.protocol.rpc import GenerateCall, merge_outputs
 from tandem.router.basic import Policy, make_policy
+from tandem.router.disagg import DisaggPolicy
 from tandem.router.interface import ModelCard
 from tandem.router.policy import WorkerLoad
 
@@ -33,11 +36,13 @@ class RouterBackend:
         pool: RpcClientPool | None = None,
         *,
         max_attempts: int = 3,
+        disagg: DisaggPolicy | None = None,
     ) -> None:
         self.discovery = discovery
         self.policy = make_policy(policy) if isinstance(policy, str) else policy
         self.pool = pool or RpcClientPool()
         self.max_attempts = max_attempts
+        self.disagg = disagg or DisaggPolicy()
         self.in_flight: Counter[str] = Counter()
         self._cards: dict[str, ModelCard] = {}
 
@@ -51,11 +56,63 @@ class RouterBackend:
     def workers(self) -> list[WorkerInfo]:
         return self._live()
 
-    async def generate(self, req: GenerateRequest) -> AsyncGenerator[EngineOutput, None]:
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[EngineOutput]:
+        workers = self._candidates(req.model)
+        prefill = [w for w in workers if w.role == "prefill"]
+        decode = [w for w in workers if w.role != "prefill"]
+        mode = self.disagg.mode(
+            len(req.prompt_token_ids), req.sampling.max_tokens, bool(prefill), bool(decode)
+        )
+        if mode == "refuse":
+            raise OverloadedError(f"no live prefill worker for {req.model!r} and disaggregation is enforced")
+        if mode == "local":
+            async for out in self._stream(req, lambda: self._decode_candidates(req.model)):
+                yield out
+            return
+        async for out in self._disaggregated(req):
+            yield out
+
+    async def _disaggregated(self, req: GenerateRequest) -> AsyncIterator[EngineOutput]:
+        """Prefill on a prefill worker (one token, KV held), then decode where the KV is pulled."""
+        prefill_req = msgspec.structs.replace(
+            req,
+            sampling=msgspec.structs.replace(req.sampling, max_tokens=1),
+            kv_transfer_params={"do_remote_decode": True},
+        )
+        first: EngineOutput | None = None
+        async for out in self._stream(prefill_req, lambda: self._role_candidates(req.model, "prefill")):
+            first = out if first is None else merge_outputs(first, out)
+        assert first is not None and first.finish_reason is not None, "a stream ends with a finish reason"
+        params = first.kv_transfer_params
+        if first.finish_reason != "length" or params is None:
+            # The first token ended the request (EOS / stop id) or the prompt could not be held.
+            first.kv_transfer_params = None
+            yield first
+            return
+        cached = first.num_cached_tokens
+        yield EngineOutput(
+            request_id=req.request_id,
+            new_token_ids=first.new_token_ids,
+            new_logprobs=first.new_logprobs,
+            num_prompt_tokens=first.num_prompt_tokens,
+            num_cached_tokens=cached,
+        )
+        decode_req = msgspec.structs.replace(
+            req, kv_transfer_params=params, output_token_ids=list(first.new_token_ids)
+        )
+        async for out in self._stream(decode_req, lambda: self._decode_candidates(req.model)):
+            out.num_cached_tokens = cached  # the client's cache hit is the prefill side's
+            yield out
+
+    async def _stream(
+        self, req: GenerateRequest, candidates_of: Callable[[], list[WorkerInfo]]
+    ) -> AsyncIterator[EngineOutput]:
+        """Stream from one worker the policy picks among `candidates_of()`; retry elsewhere while no
+        output has flowed."""
         tried: set[str] = set()
         last_error: Exception | None = None
         for _ in range(self.max_attempts):
-            candidates = [w for w in self._candidates(req.model) if w.worker_id not in tried]
+            candidates = [w for w in candidates_of() if w.worker_id not in tried]
             if not candidates:
                 break
             views = [self._view(w) for w in candidates]
@@ -103,6 +160,14 @@ class RouterBackend:
 
     def _candidates(self, model: str) -> list[WorkerInfo]:
         return [w for w in self._live() if w.model == model and w.status == "ready"]
+
+    def _role_candidates(self, model: str, role: str) -> list[WorkerInfo]:
+        return [w for w in self._candidates(model) if w.role == role]
+
+    def _decode_candidates(self, model: str) -> list[WorkerInfo]:
+        """Workers that generate: decode and aggregated ones (prefill workers only if nothing else)."""
+        workers = self._candidates(model)
+        return [w for w in workers if w.role != "prefill"] or workers
 
     def _known(self, model: str) -> bool:
         return model in self._cards

@@ -9,7 +9,7 @@ import os
 import torch
 
 from tandem.protocol.errors import TransferFailedError
-from tandem.transfer.layout import KvLayout
+from tandem.transfer.layout import KvLayout, torch_dtype
 from tandem.transfer.server import MAX_CHUNK_BYTES
 from tandem.transfer.shm import copy_blocks, open_shared
 from tandem.transfer.wire import Done, ReadBlocks, ReadReply, pack, read_message
@@ -81,7 +81,7 @@ class BlockReader:
     def _map(self, path: str, shape: tuple[int, ...]) -> torch.Tensor:
         src = self._mapped.get(path)
         if src is None:
-            src = self._mapped[path] = open_shared(path, shape, self.layout.torch_dtype)
+            src = self._mapped[path] = open_shared(path, shape, torch_dtype(self.layout))
         return src
 
     async def _recv_blocks(self, reader: asyncio.StreamReader, dst_ids: list[int]) -> None:
@@ -89,7 +89,7 @@ class BlockReader:
         block_bytes = self.layout.layer_block_bytes
         per_chunk = max(1, MAX_CHUNK_BYTES // block_bytes)
         shape = self.layout.layer_block_shape
-        dtype = self.layout.torch_dtype
+        dtype = torch_dtype(self.layout)
         index_all = torch.tensor(dst_ids, dtype=torch.long, device=self.kv.device)
         for layer in range(self.layout.num_layers):
             for start in range(0, len(dst_ids), per_chunk):

@@ -1,60 +1,53 @@
-"""What a KV block looks like in memory, so two workers can check they can exchange blocks.
-
-Every engine that takes part in KV transfer keeps its cache as one tensor
-
-    kv: [num_layers, num_blocks, 2, block_size, num_kv_heads, head_dim]      (2 = K, V)
-
-so block b of layer l is one contiguous run of `layer_block_bytes` bytes at `kv[l, b]`.
-"""
+"""KV layouts meet tensors: build one from a tensor or a checkpoint config, check two agree."""
 
 from __future__ import annotations
 
-import msgspec
+import json
+from pathlib import Path
+
 import torch
 
 from tandem.protocol.errors import TransferFailedError
+from tandem.protocol.kv_layout import KvLayout
 
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
 
+__all__ = ["KvLayout", "check_compatible", "layout_from_config", "layout_of", "torch_dtype"]
 
-class KvLayout(msgspec.Struct, frozen=True):
-    num_layers: int
-    block_size: int
-    num_kv_heads: int
-    head_dim: int
-    dtype: str
-    model: str = ""
-    """The model's name or path; two workers exchange blocks only for the same model."""
-    engine: str = "builtin"
-    """"sim" for the simulated engine, whose blocks have no bytes: only the hand-off is real."""
 
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+def torch_dtype(layout: KvLayout) -> torch.dtype:
+    return DTYPES[layout.dtype]
 
-    @property
-    def layer_block_shape(self) -> tuple[int, int, int, int]:
-        return (2, self.block_size, self.num_kv_heads, self.head_dim)
 
-    @property
-    def layer_block_bytes(self) -> int:
-        elem = torch.empty((), dtype=self.torch_dtype).element_size()
-        return 2 * self.block_size * self.num_kv_heads * self.head_dim * elem
+def layout_of(kv: torch.Tensor, model: str = "") -> KvLayout:
+    layers, _, two, block_size, heads, head_dim = kv.shape
+    assert two == 2, f"expected [layers, blocks, 2, block, heads, dim], got {tuple(kv.shape)}"
+    return KvLayout(layers, block_size, heads, head_dim, DTYPE_NAMES[kv.dtype], model)
 
-    @classmethod
-    def of(cls, kv: torch.Tensor, model: str = "") -> KvLayout:
-        layers, _, two, block_size, heads, head_dim = kv.shape
-        assert two == 2, f"expected [layers, blocks, 2, block, heads, dim], got {tuple(kv.shape)}"
-        return cls(layers, block_size, heads, head_dim, DTYPE_NAMES[kv.dtype], model)
+
+def layout_from_config(
+    model_dir: str | Path, block_size: int, dtype: str, model: str, engine: str
+) -> KvLayout:
+    """The layout an engine will have for a Hugging Face checkpoint's config.json."""
+    path = Path(model_dir) / "config.json"
+    # The simulated engine may run on a folder without a config: its layout then only names the model.
+    cfg = json.loads(path.read_text()) if path.is_file() or engine != "sim" else {}
+    heads = int(cfg.get("num_attention_heads", 1))
+    head_dim = int(cfg.get("head_dim") or int(cfg.get("hidden_size", heads)) // heads)
+    return KvLayout(
+        num_layers=int(cfg.get("num_hidden_layers", 1)),
+        block_size=block_size,
+        num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+        head_dim=head_dim,
+        dtype=dtype,
+        model=model,
+        engine=engine,
+    )
 
 
 def check_compatible(local: KvLayout, remote: KvLayout) -> None:
     """Raise a clear TransferFailedError naming every field where the two workers differ."""
-    diffs = [
-        f"{f}: {getattr(remote, f)!r} there vs {getattr(local, f)!r} here"
-        for f in KvLayout.__struct_fields__
-        if getattr(local, f) != getattr(remote, f)
-    ]
+    diffs = local.differences(remote)
     if diffs:
         raise TransferFailedError("KV layouts differ, refusing to move blocks (" + "; ".join(diffs) + ")")

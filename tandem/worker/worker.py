@@ -31,6 +31,8 @@ from tandem.engines.factory import build_executor
 from tandem.protocol.errors import InvalidRequestError, ModelNotFoundError, OverloadedError
 from tandem.protocol.registry import Hardware, Role, WorkerInfo, WorkerLoad, WorkerStats
 from tandem.protocol.rpc import Call, GenerateCall, StatsCall
+from tandem.transfer.connector import DisaggConnector
+from tandem.transfer.layout import layout_from_config
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +59,12 @@ class WorkerConfig:
     load_interval: float = 0.5
     drain_timeout: float = 30.0
     """Longest wait for in-flight requests when draining."""
+    kv_transfer: bool = True
+    """Serve and load KV blocks for disaggregation (any role can: the role is a routing hint)."""
+    kv_hold_timeout: float = 120.0
+    """Prefill side: free blocks no decode worker has read after this many seconds."""
 
     def __post_init__(self) -> None:
-        if self.role != "agg":
-            raise ValueError(f"role {self.role!r} needs disaggregated serving, not implemented yet")
         if self.lease_ttl <= 0 or self.load_interval <= 0 or self.drain_timeout < 0:
             raise ValueError("lease_ttl and load_interval must be > 0, drain_timeout >= 0")
 
@@ -78,6 +82,7 @@ class Worker:
         self.worker_id = config.worker_id or f"{config.engine}-{uuid.uuid4().hex[:8]}"
         self._executor = executor
         self.engine: AsyncEngine | None = None
+        self.connector: DisaggConnector | None = None
         self.server = RpcServer(self._handle, host=config.host, port=config.port, name=self.worker_id)
         self.lease: Lease | None = None
         self.draining = False
@@ -93,6 +98,17 @@ class Worker:
     async def start(self) -> None:
         """Build the engine (off the event loop: loading weights blocks), listen, register."""
         cfg = self.config
+        if cfg.kv_transfer and self._executor is None:
+            layout = layout_from_config(
+                cfg.model_dir,
+                cfg.engine_config.block_size,
+                cfg.dtype if cfg.engine == "builtin" else "bfloat16",
+                cfg.model_name,
+                cfg.engine,
+            )
+            self.connector = DisaggConnector(
+                layout, worker_id=self.worker_id, host=cfg.host, hold_timeout_s=cfg.kv_hold_timeout
+            )
         if self._executor is None:
             self._executor = await asyncio.to_thread(
                 build_executor,
@@ -102,8 +118,12 @@ class Worker:
                 dtype=cfg.dtype,
                 device=cfg.device,
                 speedup=cfg.speedup,
+                kv_connector=self.connector,
             )
-        self.engine = AsyncEngine(EngineCore(cfg.engine_config, self._executor), name=self.worker_id)
+        conn = (self.connector, self.connector) if self.connector is not None else None
+        self.engine = AsyncEngine(
+            EngineCore(cfg.engine_config, self._executor, connector=conn), name=self.worker_id
+        )
         await self.server.start()
         if self.discovery is not None:
             self.lease = await self.discovery.register(self.info(), cfg.lease_ttl)
@@ -126,6 +146,8 @@ class Worker:
             status="draining" if self.draining else "ready",
             load=self.load(),
             engine=self.config.engine,
+            kv_layout=self.connector.layout if self.connector else None,
+            kv_address=self.connector.address if self.connector else "",
         )
 
     def load(self) -> WorkerLoad:
@@ -177,6 +199,8 @@ class Worker:
         await self.server.close()
         if self.engine is not None:
             await asyncio.to_thread(self.engine.shutdown)
+        if self.connector is not None:
+            await asyncio.to_thread(self.connector.close)
         log.info("worker %s stopped", self.worker_id)
 
     async def _handle(self, call: Call) -> AsyncGenerator[Any, None]:

@@ -45,14 +45,31 @@ def test_invalid_specs(data: dict, error: str) -> None:
         DeploymentSpec.from_dict(data)
 
 
+def _serve_args(*flags: str) -> argparse.Namespace:
+    from tandem.cli.main import build_parser
+
+    return build_parser().parse_args(["serve", *flags])
+
+
 def test_spec_from_flags() -> None:
-    ns = argparse.Namespace(
-        file=None, model="models/tiny", served_model_name=None, host="127.0.0.1", port=9000, workers=3,
-        engine="sim", router="random", speedup=5.0, dtype="float32", device="cpu", num_blocks=100,
-        block_size=None, max_num_seqs=None, max_num_batched_tokens=None,
+    ns = _serve_args(
+        "--model", "models/tiny", "--port", "9000", "--workers", "3", "--engine", "sim",
+        "--router", "random", "--speedup", "5", "--dtype", "float32", "--num-blocks", "100",
     )  # fmt: skip
     spec = spec_from_args(ns)
     assert spec.num_workers == 3 and spec.policy == "random" and spec.port == 9000
+    assert not spec.disaggregated
     assert spec.pools[0] == PoolSpec(
         name="worker", replicas=3, engine="sim", speedup=5.0, dtype="float32", engine_args={"num_blocks": 100}
     )
+
+
+def test_disaggregated_spec_from_flags() -> None:
+    ns = _serve_args(
+        "--model", "m", "--prefill-workers", "2", "--decode-workers", "1", "--engine", "sim",
+        "--disagg-min-prompt-tokens", "128", "--enforce-disagg",
+    )  # fmt: skip
+    spec = spec_from_args(ns)
+    assert spec.disaggregated and spec.num_workers == 3
+    assert [(p.role, p.replicas) for p in spec.pools] == [("prefill", 2), ("decode", 1)]
+    assert spec.disagg_min_prompt_tokens == 128 and spec.enforce_disagg

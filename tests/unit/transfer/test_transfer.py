@@ -5,7 +5,7 @@ import torch
 
 from tandem.protocol.errors import TransferFailedError
 from tandem.transfer.client import BlockReader
-from tandem.transfer.layout import KvLayout
+from tandem.transfer.layout import layout_of
 from tandem.transfer.server import BlockServer
 from tandem.transfer.shm import SharedKvCache, copy_blocks
 
@@ -30,13 +30,13 @@ async def test_blocks_arrive_identical_and_the_hold_is_released(via):
     src = shared.tensor if shared else torch.empty(SHAPE, dtype=torch.bfloat16)
     src.copy_(filled())
     released: list[str] = []
-    layout = KvLayout.of(src, model="m")
+    layout = layout_of(src, model="m")
     server = BlockServer(src, layout, released.append, shm_path=str(shared.path) if shared else "")
     addr = await server.start()
     try:
         dst = torch.zeros(SHAPE, dtype=torch.bfloat16)
         server.hold("req-1", [3, 4, 5, 9])
-        reader = BlockReader(dst, KvLayout.of(dst, model="m"))
+        reader = BlockReader(dst, layout_of(dst, model="m"))
         shm_path = str(shared.path) if shared else ""
         path = await reader.read(addr, "req-1", [0, 1, 7, 8], first_block=0, shm_path=shm_path)
         assert path == via
@@ -56,16 +56,16 @@ async def test_blocks_arrive_identical_and_the_hold_is_released(via):
 
 async def test_mismatched_layout_is_a_clear_error_and_keeps_the_hold():
     src = filled()
-    server = BlockServer(src, KvLayout.of(src, model="m"), lambda h: None)
+    server = BlockServer(src, layout_of(src, model="m"), lambda h: None)
     addr = await server.start()
     try:
         server.hold("h", [1])
         dst = torch.zeros((3, 16, 2, 8, 2, 8), dtype=torch.float32)
         with pytest.raises(TransferFailedError, match=r"block_size: 4 there vs 8 here.*dtype"):
-            await BlockReader(dst, KvLayout.of(dst, model="m")).read(addr, "h", [0])
+            await BlockReader(dst, layout_of(dst, model="m")).read(addr, "h", [0])
         assert server.num_held == 1
         with pytest.raises(TransferFailedError, match="no KV held"):
-            await BlockReader(src.clone(), KvLayout.of(src, model="m")).read(addr, "nope", [0])
+            await BlockReader(src.clone(), layout_of(src, model="m")).read(addr, "nope", [0])
     finally:
         await server.stop()
 
@@ -73,7 +73,7 @@ async def test_mismatched_layout_is_a_clear_error_and_keeps_the_hold():
 async def test_unread_hold_expires():
     src = filled()
     released: list[str] = []
-    server = BlockServer(src, KvLayout.of(src), released.append, hold_timeout_s=0.05)
+    server = BlockServer(src, layout_of(src), released.append, hold_timeout_s=0.05)
     await server.start()
     try:
         server.hold("h", [1, 2])
@@ -89,7 +89,7 @@ async def test_unread_hold_expires():
 async def test_dead_peer_is_a_transfer_error():
     dst = filled()
     with pytest.raises(TransferFailedError):
-        await BlockReader(dst, KvLayout.of(dst)).read("127.0.0.1:1", "h", [0], timeout_s=2)
+        await BlockReader(dst, layout_of(dst)).read("127.0.0.1:1", "h", [0], timeout_s=2)
 
 
 def test_copy_blocks_handles_runs_and_scatter():
