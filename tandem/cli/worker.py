@@ -44,6 +44,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--lease-ttl", type=float, default=3.0, help="seconds without heartbeat before expiry")
     p.add_argument("--drain-timeout", type=float, default=30.0)
+    p.add_argument(
+        "--kv-hold-timeout",
+        type=float,
+        default=120.0,
+        help="prefill side: free KV blocks no decode worker has read after this many seconds",
+    )
     p.set_defaults(func=run)
 
 
@@ -70,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
         speedup=args.speedup,
         lease_ttl=args.lease_ttl,
         drain_timeout=args.drain_timeout,
+        kv_hold_timeout=args.kv_hold_timeout,
     )
     return run_event_loop(serve_worker(config, args.registry))
 

@@ -39,6 +39,8 @@ class PoolSpec:
     """What the pool needs (device type, count, memory): informational until a scheduler uses it."""
     engine_args: dict[str, int] = field(default_factory=dict)
     """EngineConfig fields passed as worker flags (block_size, num_blocks, ...)."""
+    kv_hold_timeout: float = 120.0
+    """Prefill workers: free KV blocks that no decode worker read within this many seconds."""
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -60,6 +62,8 @@ class PoolSpec:
         args = ["--engine", self.engine, "--role", self.role, "--dtype", self.dtype, "--device", self.device]
         if self.engine == "sim":
             args += ["--speedup", str(self.speedup)]
+        if self.kv_hold_timeout != 120.0:
+            args += ["--kv-hold-timeout", str(self.kv_hold_timeout)]
         for key, value in sorted(self.engine_args.items()):
             args += [f"--{key.replace('_', '-')}", str(value)]
         return args

@@ -80,8 +80,19 @@ class RouterBackend:
             kv_transfer_params={"do_remote_decode": True},
         )
         first: EngineOutput | None = None
-        async for out in self._stream(prefill_req, lambda: self._role_candidates(req.model, "prefill")):
-            first = out if first is None else merge_outputs(first, out)
+        try:
+            async for out in self._stream(prefill_req, lambda: self._role_candidates(req.model, "prefill")):
+                first = out if first is None else merge_outputs(first, out)
+        except (OverloadedError, WorkerLostError) as e:
+            if self.disagg.enforce:
+                raise
+            # Every prefill worker failed or refused: the decode worker prefills the prompt itself.
+            log.warning(
+                "request %s: remote prefill failed (%s); prefilling on a decode worker", req.request_id, e
+            )
+            async for out in self._stream(req, lambda: self._decode_candidates(req.model)):
+                yield out
+            return
         assert first is not None and first.finish_reason is not None, "a stream ends with a finish reason"
         params = first.kv_transfer_params
         if first.finish_reason != "length" or params is None:

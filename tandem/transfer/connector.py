@@ -28,7 +28,7 @@ from tandem.engine.connector import ExternalMatch, FinishedTransfers, KVConnecto
 from tandem.engine.request import Request, RequestStatus
 from tandem.transfer.agent import TransferAgent
 from tandem.transfer.layout import KvLayout
-from tandem.transfer.shm import SharedKvCache, shm_available
+from tandem.transfer.shm import SharedKvCache, shm_available, shm_has_room
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +78,16 @@ class DisaggConnector(KVConnectorScheduler, KVConnectorWorker):
         self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
     ) -> torch.Tensor:
         """The engine's KV tensor; in shared memory when on CPU, so a same-host peer copies it once."""
+        nbytes = torch.empty((), dtype=dtype).element_size()
+        for d in shape:
+            nbytes *= d
         if self.use_shm and device.type == "cpu":
-            self._shm = SharedKvCache(shape, dtype)
-            return self._shm.tensor
+            if shm_has_room(nbytes):
+                self._shm = SharedKvCache(shape, dtype)
+                return self._shm.tensor
+            log.warning(
+                "/dev/shm has no room for %d MiB of KV cache; peers will read it over TCP", nbytes >> 20
+            )
         return torch.zeros(shape, dtype=dtype, device=device)
 
     def register_kv_caches(self, kv: torch.Tensor | None) -> None:

@@ -20,23 +20,39 @@ def shm_available() -> bool:
 
 
 class SharedKvCache:
-    """Owner side: allocate a zeroed, file-backed tensor of `shape`."""
+    """Owner side: allocate a zeroed, file-backed tensor of `shape`.
+
+    The file is unlinked at once and kept alive by an open descriptor; peers open it through
+    `/proc/<pid>/fd/<fd>`. So nothing is left in /dev/shm however the owner dies (kill -9
+    included): the memory goes when the owner and every peer mapping are gone.
+    """
 
     def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, prefix: str = "tandem-kv") -> None:
-        self.path = SHM_DIR / f"{prefix}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        created = SHM_DIR / f"{prefix}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         numel = 1
         for d in shape:
             numel *= d
         # from_file(shared=True) creates the file at the right size; fresh pages read as zeros.
-        self.tensor = torch.from_file(str(self.path), shared=True, size=numel, dtype=dtype).view(shape)
+        self.tensor = torch.from_file(str(created), shared=True, size=numel, dtype=dtype).view(shape)
+        self._fd = os.open(created, os.O_RDWR)
+        created.unlink()
+        self.path = Path(f"/proc/{os.getpid()}/fd/{self._fd}")
         self.shape = shape
         self.dtype = dtype
 
     def close(self) -> None:
-        try:
-            self.path.unlink()
-        except FileNotFoundError:
-            pass
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def shm_has_room(nbytes: int) -> bool:
+    """Whether /dev/shm can hold `nbytes` more (a full tmpfs would SIGBUS on first touch)."""
+    try:
+        st = os.statvfs(SHM_DIR)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize > nbytes * 1.1
 
 
 def open_shared(path: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
