@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import warnings
 
 import torch
 
@@ -96,5 +97,8 @@ class BlockReader:
                 idx = index_all[start : start + per_chunk]
                 raw = await reader.readexactly(len(idx) * block_bytes)
                 self.bytes_received += len(raw)
-                part = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype).view(len(idx), *shape)
+                with warnings.catch_warnings():
+                    # `raw` is read-only and only read from here: no copy into a writable buffer.
+                    warnings.simplefilter("ignore", UserWarning)
+                    part = torch.frombuffer(raw, dtype=torch.uint8).view(dtype).view(len(idx), *shape)
                 self.kv[layer].index_copy_(0, idx, part.to(self.kv.device))

@@ -141,7 +141,9 @@ class BlockServer:
         for layer in range(self.layout.num_layers):
             for start in range(0, len(ids), per_chunk):
                 part = self.kv[layer].index_select(0, index_all[start : start + per_chunk]).cpu()
-                data = part.view(torch.uint8).numpy().tobytes()
+                # Zero-copy: the transport keeps a reference to the buffer until it is written.
+                # 1-D, so len() is the byte count asyncio's transport expects.
+                data = memoryview(part.view(torch.uint8).reshape(-1).numpy())  # type: ignore[arg-type]
                 writer.write(data)
-                self.bytes_sent += len(data)
+                self.bytes_sent += data.nbytes
                 await writer.drain()

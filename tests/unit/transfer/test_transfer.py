@@ -96,3 +96,19 @@ def test_copy_blocks_handles_runs_and_scatter():
     src, dst = filled(), torch.zeros(SHAPE, dtype=torch.bfloat16)
     copy_blocks(src, [0, 1, 2, 7, 9], dst, [4, 5, 6, 0, 1])
     assert torch.equal(dst[:, [4, 5, 6, 0, 1]], src[:, [0, 1, 2, 7, 9]])
+
+
+async def test_large_tcp_transfer_arrives_intact():
+    """Megabytes per layer: the socket writes partially and the rest must still arrive in order."""
+    big = (2, 72, 2, 16, 8, 64)
+    src = filled(big)
+    server = BlockServer(src, layout_of(src), lambda h: None)
+    addr = await server.start()
+    try:
+        ids = list(range(2, 70))
+        server.hold("h", ids)
+        dst = torch.zeros(big, dtype=torch.bfloat16)
+        assert await BlockReader(dst, layout_of(dst)).read(addr, "h", ids[::-1]) == "tcp"
+        assert torch.equal(dst[:, ids[::-1]], src[:, ids])
+    finally:
+        await server.stop()
