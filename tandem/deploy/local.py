@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import os
 import signal
 import sys
 from dataclasses import dataclass, field
@@ -66,9 +68,10 @@ class LocalLauncher:
             self.log_dir.mkdir(parents=True, exist_ok=True)
         for pool in self.spec.pools:
             for i in range(pool.replicas):
-                await self.spawn(f"{pool.name}-{i}", pool.worker_args())
+                cpus = {pool.cpus[i % len(pool.cpus)]} if pool.cpus else None
+                await self.spawn(f"{pool.name}-{i}", pool.worker_args(), cpus)
 
-    async def spawn(self, worker_id: str, pool_args: list[str]) -> ChildProcess:
+    async def spawn(self, worker_id: str, pool_args: list[str], cpus: set[int] | None = None) -> ChildProcess:
         cmd = self.worker_command(worker_id, pool_args)
         log_file = None
         if self.log_dir is not None:
@@ -79,7 +82,7 @@ class LocalLauncher:
             stdout=log_file or asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=functools.partial(_child_setup, cpus),
         )
         child = ChildProcess(worker_id, proc, log_file)
         if log_file is None:
@@ -129,6 +132,13 @@ async def _forward(worker_id: str, proc: asyncio.subprocess.Process) -> None:
     async for line in proc.stdout:
         out.write(prefix + line)
         out.flush()
+
+
+def _child_setup(cpus: set[int] | None) -> None:
+    """Runs in the child before exec: die with the parent; pin to `cpus` if given."""
+    _die_with_parent()
+    if cpus:
+        os.sched_setaffinity(0, cpus)
 
 
 def _die_with_parent() -> None:

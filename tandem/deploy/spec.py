@@ -41,10 +41,15 @@ class PoolSpec:
     """EngineConfig fields passed as worker flags (block_size, num_blocks, ...)."""
     kv_hold_timeout: float = 120.0
     """Prefill workers: free KV blocks that no decode worker read within this many seconds."""
+    cpus: list[int] = field(default_factory=list)
+    """Pin replica i to CPU core cpus[i % len(cpus)] (empty: no pinning). The engine then sizes its
+    thread pool to the one core, so pinned workers do not fight over cores."""
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise ValueError(f"pool {self.name!r}: role must be one of {ROLES}, got {self.role!r}")
+        if any(c < 0 for c in self.cpus):
+            raise ValueError(f"pool {self.name!r}: cpus must be core numbers >= 0")
         if self.replicas < 0:
             raise ValueError(f"pool {self.name!r}: replicas must be >= 0")
         if self.engine not in ENGINES:
