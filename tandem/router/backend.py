@@ -24,6 +24,7 @@ from tandem.router.basic import Policy, make_policy
 from tandem.router.disagg import DisaggPolicy
 from tandem.router.interface import ModelCard
 from tandem.router.policy import WorkerLoad
+from tandem.transfer.release import release_hold
 
 log = logging.getLogger(__name__)
 
@@ -101,19 +102,27 @@ class RouterBackend:
             yield first
             return
         cached = first.num_cached_tokens
-        yield EngineOutput(
-            request_id=req.request_id,
-            new_token_ids=first.new_token_ids,
-            new_logprobs=first.new_logprobs,
-            num_prompt_tokens=first.num_prompt_tokens,
-            num_cached_tokens=cached,
-        )
         decode_req = msgspec.structs.replace(
             req, kv_transfer_params=params, output_token_ids=list(first.new_token_ids)
         )
-        async for out in self._stream(decode_req, lambda: self._decode_candidates(req.model)):
-            out.num_cached_tokens = cached  # the client's cache hit is the prefill side's
-            yield out
+        finished = False
+        try:
+            yield EngineOutput(
+                request_id=req.request_id,
+                new_token_ids=first.new_token_ids,
+                new_logprobs=first.new_logprobs,
+                num_prompt_tokens=first.num_prompt_tokens,
+                num_cached_tokens=cached,
+            )
+            async for out in self._stream(decode_req, lambda: self._decode_candidates(req.model)):
+                out.num_cached_tokens = cached  # the client's cache hit is the prefill side's
+                finished = out.finish_reason is not None
+                yield out
+        finally:
+            if not finished:
+                # The client left or the decode side failed, maybe before the KV was pulled: free
+                # the prefill worker's hold now rather than at its timeout (a no-op if already read).
+                await release_hold(params["remote_address"], params["remote_handle"])
 
     async def _stream(
         self, req: GenerateRequest, candidates_of: Callable[[], list[WorkerInfo]]

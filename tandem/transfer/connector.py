@@ -155,7 +155,9 @@ class DisaggConnector(KVConnectorScheduler, KVConnectorWorker):
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         p = request.kv_transfer_params
-        if not p or not p.get("do_remote_decode") or request.status == RequestStatus.FINISHED_ABORTED:
+        # Only a prefill that stopped for length (the one token asked for) has a decode to come; one
+        # that hit EOS or a stop id, or was aborted, is over and keeps nothing.
+        if not p or not p.get("do_remote_decode") or request.status != RequestStatus.FINISHED_LENGTH:
             return False, None
         assert self.agent is not None, "register_kv_caches was not called"
         n_tokens = min(request.num_computed_tokens, request.num_prompt_tokens)

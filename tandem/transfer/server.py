@@ -13,7 +13,7 @@ import torch
 
 from tandem.protocol.errors import TransferFailedError
 from tandem.transfer.layout import KvLayout, check_compatible
-from tandem.transfer.wire import Done, ReadBlocks, ReadReply, pack, read_message
+from tandem.transfer.wire import Done, ReadBlocks, ReadReply, Release, pack, read_message
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,9 @@ class BlockServer:
         handle = ""
         try:
             msg = await read_message(reader)
+            if isinstance(msg, Release):
+                self.release(msg.handle)
+                return
             if not isinstance(msg, ReadBlocks):
                 raise ConnectionError(f"expected ReadBlocks, got {type(msg).__name__}")
             handle = msg.handle

@@ -9,6 +9,9 @@ One connection per transfer:
       via "shm": copies from the mapped file itself
       Done(handle)                         ->  the server releases the held blocks
 
+    or, from whoever gave up on the transfer (the router, when a client leaves early):
+      Release(handle)                      ->  the server releases the held blocks unread
+
 Control messages are length-prefixed msgpack, bounded in size; the raw KV bytes that follow a reply
 have sizes fixed by the layout and block count, so nothing unbounded is ever read.
 """
@@ -20,7 +23,7 @@ import struct
 
 import msgspec
 
-from tandem.transfer.layout import KvLayout
+from tandem.protocol.kv_layout import KvLayout
 
 MAX_CONTROL_BYTES = 1 << 20
 _LEN = struct.Struct(">I")
@@ -47,7 +50,13 @@ class Done(msgspec.Struct, tag="done"):
     handle: str
 
 
-Message = ReadBlocks | ReadReply | Done
+class Release(msgspec.Struct, tag="release"):
+    """Free a hold without reading it (the request ended before its decode worker pulled the KV)."""
+
+    handle: str
+
+
+Message = ReadBlocks | ReadReply | Done | Release
 _enc = msgspec.msgpack.Encoder()
 _dec = msgspec.msgpack.Decoder(Message)
 

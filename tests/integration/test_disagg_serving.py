@@ -208,3 +208,25 @@ async def test_killed_decode_worker_fails_cleanly_and_prefill_frees_its_blocks(m
             await asyncio.sleep(0.2)
     finally:
         await stop(d)
+
+
+async def test_client_leaving_at_any_point_frees_every_block(model_dir) -> None:
+    d = await start(model_dir, 1, 1)  # default 120 s hold timeout: frees must not rely on it
+    try:
+        long = request(0, prompts()[3])
+        long.sampling.max_tokens = 100_000
+        long.sampling.ignore_eos = True
+        # Left after the first token, before the decode worker pulled the KV.
+        stream = d.backend.generate(long)
+        await stream.__anext__()
+        await stream.aclose()
+        await d.assert_no_blocks_in_use(timeout=5)
+        # Left mid-decode.
+        long.request_id = "r1"
+        stream = d.backend.generate(long)
+        for _ in range(5):
+            await stream.__anext__()
+        await stream.aclose()
+        await d.assert_no_blocks_in_use(timeout=5)
+    finally:
+        await stop(d)

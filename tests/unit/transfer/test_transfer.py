@@ -112,3 +112,21 @@ async def test_large_tcp_transfer_arrives_intact():
         assert torch.equal(dst[:, ids[::-1]], src[:, ids])
     finally:
         await server.stop()
+
+
+async def test_release_frees_a_hold_unread():
+    from tandem.transfer.release import release_hold
+
+    src = filled()
+    released: list[str] = []
+    server = BlockServer(src, layout_of(src), released.append)
+    addr = await server.start()
+    try:
+        server.hold("h", [1, 2])
+        assert await release_hold(addr, "h")
+        assert await eventually(lambda: released == ["h"])
+        assert await release_hold(addr, "h"), "releasing twice is harmless"
+        assert released == ["h"]
+    finally:
+        await server.stop()
+    assert not await release_hold("127.0.0.1:1", "h"), "an unreachable server is reported, not raised"
