@@ -58,6 +58,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--block-size", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=None)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument(
+        "--registry-port",
+        type=int,
+        default=0,
+        help="embedded registry port for `tandem worker` to join (0: any)",
+    )
     p.add_argument("--log-dir", default=None, help="worker logs as files here (default: prefixed stderr)")
     p.add_argument("--drain-timeout", type=float, default=30.0)
     p.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for workers")
@@ -117,11 +123,18 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"tandem serve: {e}", file=sys.stderr)
         return 2
-    return run_event_loop(serve(spec, args.log_dir, args.log_level, args.drain_timeout, args.ready_timeout))
+    return run_event_loop(
+        serve(spec, args.log_dir, args.log_level, args.drain_timeout, args.ready_timeout, args.registry_port)
+    )
 
 
 async def serve(
-    spec: DeploymentSpec, log_dir: str | None, log_level: str, drain_timeout: float, ready_timeout: float
+    spec: DeploymentSpec,
+    log_dir: str | None,
+    log_level: str,
+    drain_timeout: float,
+    ready_timeout: float,
+    registry_port: int = 0,
 ) -> int:
     from tandem.control.discovery import MemoryDiscovery
     from tandem.control.registry import RegistryServer
@@ -141,7 +154,7 @@ async def serve(
         print(f"tandem serve: cannot listen on {spec.host}:{spec.port}: {e}", file=sys.stderr)
         return 2
     store = MemoryDiscovery()
-    registry = RegistryServer(store)
+    registry = RegistryServer(store, host=spec.host, port=registry_port)
     await registry.start()
     disagg = DisaggPolicy(spec.disagg_min_prompt_tokens, spec.enforce_disagg)
     backend = RouterBackend(store, spec.policy, disagg=disagg)
@@ -156,6 +169,11 @@ async def serve(
         ready = await _wait_ready(spec, store, launcher, stop, ready_timeout)
         if ready:
             print(f"Tandem ready: http://{spec.host}:{spec.port}/v1 ({spec.num_workers} workers)", flush=True)
+            print(
+                f"Add workers at run time: tandem worker --model {spec.model} --role prefill|decode|agg "
+                f"--registry {registry.address}",
+                flush=True,
+            )
             await _supervise(launcher, stop)
         else:
             code = 0 if stop.is_set() else 1
