@@ -9,7 +9,9 @@ Contracts:
 - The backend iterator is always closed when the response ends for any reason. A task watches the
   ASGI receive channel for `http.disconnect` and cancels the generation at once, even while it waits
   for the engine, so a vanished client frees its KV blocks on the worker within one event-loop turn.
-- One `send` per engine output (the last also carries the usage chunk and [DONE]).
+- One SSE event per token, one `send` per engine output (an output holding several tokens, merged
+  by a lagging request plane, becomes several events in one write; the last send also carries the
+  usage chunk and [DONE]).
 """
 
 from __future__ import annotations
@@ -129,19 +131,38 @@ class GenerationResponse(Response):
         try:
             while True:
                 ids = out.new_token_ids
-                if ids:
+                n = len(ids)
+                if n:
                     now = time.perf_counter()
                     if last:
-                        itl.observe((now - last) / len(ids), len(ids))
+                        itl.observe((now - last) / n, n)
                     else:
                         ttft.observe(now - gen.started)
                     last = now
-                delta, stopped = text.push(ids)
-                finish = "stop" if stopped else out.finish_reason
-                if finish is not None and not stopped:
-                    delta += text.finish()
-                lp = logprobs.stream_bytes(ids, out.new_logprobs) if logprobs is not None else b"null"
-                data = writer.chunk(delta, finish, first=first, logprobs=lp)
+                if n <= 1:
+                    lps = out.new_logprobs
+                    data, finish = _event(writer, text, logprobs, ids, lps, out.finish_reason, first)
+                else:
+                    # Several tokens in one output (the request plane merged steps for a lagging
+                    # stream): still one SSE event per token, as clients and benchmarks expect,
+                    # but written with one send.
+                    events: list[bytes] = []
+                    lps = out.new_logprobs
+                    for i in range(n):
+                        event, finish = _event(
+                            writer,
+                            text,
+                            logprobs,
+                            ids[i : i + 1],
+                            lps[i : i + 1] if lps is not None else None,
+                            out.finish_reason if i == n - 1 else None,
+                            first,
+                        )
+                        first = False
+                        events.append(event)
+                        if finish is not None:
+                            break
+                    data = b"".join(events)
                 first = False
                 self.num_tokens = text.num_tokens
                 self.num_cached = out.num_cached_tokens
@@ -270,6 +291,24 @@ class _LogprobWriter:
         return _encode(
             CompletionLogprobs(self.tokens[n_before:], self.values[n_before:], top, self.offsets[n_before:])
         )
+
+
+def _event(
+    writer: ChunkWriter,
+    text: TextStream,
+    logprobs: _LogprobWriter | None,
+    ids: list[int],
+    values: list[float] | None,
+    engine_finish: str | None,
+    first: bool,
+) -> tuple[bytes, str | None]:
+    """One SSE event for `ids` (usually one token) and the finish reason it carries, if any."""
+    delta, stopped = text.push(ids)
+    finish = "stop" if stopped else engine_finish
+    if finish is not None and not stopped:
+        delta += text.finish()
+    lp = logprobs.stream_bytes(ids, values) if logprobs is not None else b"null"
+    return writer.chunk(delta, finish, first=first, logprobs=lp), finish
 
 
 def _as_tandem(e: BaseException, response_id: str) -> TandemError:

@@ -371,3 +371,24 @@ def test_builtin_engine_greedy_matches_engine_core(tiny_dir: Path) -> None:
     tok = AutoTokenizer.from_pretrained(str(tiny_dir), local_files_only=True)
     assert via_http.usage.completion_tokens == len(ids) == 12
     assert via_http.choices[0].text == tok.decode(ids, skip_special_tokens=True)
+
+
+async def _merged_outputs(req: GenerateRequest) -> AsyncIterator[EngineOutput]:
+    # What a lagging request plane delivers: several steps' tokens merged into one output.
+    yield EngineOutput(req.request_id, [300, 301, 302], num_prompt_tokens=5)
+    yield EngineOutput(req.request_id, [303, 304], finish_reason="length", num_prompt_tokens=5)
+
+
+@pytest.mark.parametrize("fake_server", [(_merged_outputs,)], indirect=True)
+def test_merged_outputs_stream_one_event_per_token(fake_server: tuple[Server, FakeBackend]) -> None:
+    server, _ = fake_server
+    body = {**BASE, "stream": True, "stream_options": {"include_usage": True}}
+    resp = _post(server, "/v1/chat/completions", body, timeout=5)
+    events = [line[6:] for line in resp.text.split("\n\n") if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    usage = json.loads(events[-2])["usage"]
+    chunks = [json.loads(e)["choices"][0] for e in events[:-2]]
+    assert len(chunks) == 5 == usage["completion_tokens"]
+    assert chunks[0]["delta"]["role"] == "assistant"
+    assert all("role" not in c["delta"] for c in chunks[1:])
+    assert [c["finish_reason"] for c in chunks] == [None, None, None, None, "length"]

@@ -1,0 +1,290 @@
+"""Serving overhead, Tandem vs NVIDIA Dynamo 1.6.1, same workload, same run, same client.
+
+    timeout 3600 .venv/bin/python benchmarks/serving_vs_dynamo.py --dynamo ~/.cache/tandem/dynamo \
+        --speedups 1,10000 --concurrency 1,16,64 --out runs/serving_vs_dynamo.json
+
+Workload (the "Serving path" issue): chat requests of 100 random tokens, 50 output tokens (ignore_eos),
+one token per SSE chunk, 2 workers, everything on 127.0.0.1. Tandem's simulated engine and Dynamo's
+mocker share the timing model (Dynamo's polynomials) and the engine settings: block size 64, 16,384
+blocks, 256 sequences, 8,192 batched tokens. Systems, started one after the other:
+
+    tandem-rr / tandem-ll   `tandem serve --engine sim --workers 2` with round-robin / least-loaded
+    dynamo / dynamo-nodelay  `dynamo.mocker --num-workers 2` + `dynamo.frontend`, stock, and with
+                             TCP_NODELAY forced by LD_PRELOAD=nodelay.so (../shared/bench/nodelay_shim.c)
+
+Each point runs the referee client (../shared/bench/referee_loadgen.py, with the CPU of every server
+process) after `wait_quiet.py`; `--tandem-bench` also runs `tandem bench` on the same point. Dynamo
+needs a venv as in ../shared/bench/dynamo-cpu.md (`--dynamo DIR` holds venv/ and nodelay.so).
+Prints one side-by-side table; `--out` keeps every raw result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "bench"
+ENGINE = {"block_size": 64, "num_blocks": 16384, "max_num_seqs": 256, "max_num_batched_tokens": 8192}
+# (speedup, concurrency) -> (measured requests, warmup): a few seconds to ~30 s per point.
+COUNTS = {1: {1: (40, 4), 16: (320, 32), 64: (1280, 128)}}
+STRESS_COUNTS = {1: (1500, 100), 16: (4000, 200), 64: (6000, 300)}
+SLOW_STOCK_C1 = 5  # stock Dynamo waits ~40 ms per chunk on Nagle at c=1: fewer requests, same shape
+
+
+def counts(speedup: float, c: int, system: str) -> tuple[int, int]:
+    n, warm = COUNTS.get(int(speedup), STRESS_COUNTS).get(c, (c * 40, c * 2))
+    if system == "dynamo" and c == 1 and speedup > 1:
+        n, warm = n // SLOW_STOCK_C1, warm // SLOW_STOCK_C1
+    return n, warm
+
+
+class Deployment:
+    def __init__(self, name: str, procs: dict[str, subprocess.Popen], url: str) -> None:
+        self.name, self.procs, self.url = name, procs, url
+
+    def pids(self) -> dict[str, int]:
+        """Every server process to measure: the named ones and (Tandem) the workers they started."""
+        out = {k: p.pid for k, p in self.procs.items()}
+        for name, p in self.procs.items():
+            kids = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True).stdout.split()
+            for i, pid in enumerate(kids):
+                out[f"{name}_child{i}"] = int(pid)
+        return out
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        for p in self.procs.values():
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def start_tandem(args: argparse.Namespace, speedup: float, router: str, logdir: Path) -> Deployment:
+    cmd = [str(REPO / ".venv/bin/tandem"), "--log-level", "WARNING", "serve", "--model", args.model]
+    cmd += ["--served-model-name", "tiny", "--engine", "sim", "--workers", "2", "--port", str(args.port)]
+    cmd += ["--speedup", str(speedup), "--router", router]
+    for k, v in ENGINE.items():
+        cmd += [f"--{k.replace('_', '-')}", str(v)]
+    log = open(logdir / f"tandem-{router}-{speedup:g}.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    name = "tandem-rr" if router == "round-robin" else "tandem-ll"
+    return Deployment(name, {"frontend": proc}, f"http://127.0.0.1:{args.port}")
+
+
+def start_dynamo(args: argparse.Namespace, speedup: float, nodelay: bool, logdir: Path) -> Deployment:
+    dyn = Path(args.dynamo)
+    kv = Path(tempfile.mkdtemp(prefix="dynkv-"))
+    env = dict(os.environ, DYN_DISCOVERY_BACKEND="file", DYN_FILE_KV=str(kv), DYN_REQUEST_PLANE="tcp")
+    env.update(DYN_EVENT_PLANE="zmq", DYN_LOG="warn", DYN_TCP_RPC_HOST="127.0.0.1")
+    env.update(DYN_TCP_RESPONSE_STREAM_HOST="127.0.0.1", DYN_EVENT_PLANE_HOST="127.0.0.1")
+    env.update(DYN_SYSTEM_HOST="127.0.0.1")
+    if nodelay:
+        env["LD_PRELOAD"] = str(dyn / "nodelay.so")
+    py = str(dyn / "venv/bin/python")
+    tag = f"{'nodelay' if nodelay else 'stock'}-{speedup:g}"
+    mocker = [py, "-m", "dynamo.mocker", "--model-path", args.model, "--model-name", "tiny"]
+    mocker += ["--speedup-ratio", str(speedup), "--num-workers", "2", "--block-size", "64"]
+    mocker += ["--num-gpu-blocks-override", "16384", "--max-num-seqs", "256"]
+    mocker += ["--max-num-batched-tokens", "8192"]
+    frontend = [py, "-m", "dynamo.frontend", "--http-host", "127.0.0.1", "--http-port", str(args.port)]
+    frontend += ["--router-mode", args.dynamo_router]
+    procs = {}
+    for name, cmd in (("mocker", mocker), ("frontend", frontend)):
+        log = open(logdir / f"dynamo-{name}-{tag}.log", "w")
+        procs[name] = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    name = "dynamo-nodelay" if nodelay else "dynamo"
+    return Deployment(name, procs, f"http://127.0.0.1:{args.port}")
+
+
+def wait_ready(dep: Deployment, timeout: float = 180.0) -> None:
+    """Until a 2-token chat request succeeds twice (both workers registered for round-robin)."""
+    body = json.dumps(
+        {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    ).encode()
+    deadline = time.monotonic() + timeout
+    ok = 0
+    while ok < 4:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{dep.name} not ready after {timeout:.0f} s")
+        for p in dep.procs.values():
+            if p.poll() is not None:
+                raise RuntimeError(f"{dep.name}: a process exited with {p.returncode}")
+        req = urllib.request.Request(
+            dep.url + "/v1/chat/completions", body, {"content-type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=5) as r:
+                ok += r.status == 200
+        except OSError:
+            ok = 0
+            time.sleep(0.5)
+    time.sleep(2.0)  # let discovery settle on every worker
+
+
+def run_point(args: argparse.Namespace, dep: Deployment, speedup: float, c: int, out_dir: Path) -> dict:
+    n, warm = counts(speedup, c, dep.name)
+    subprocess.run([sys.executable, str(SHARED / "wait_quiet.py"), "15", "20"], check=False)
+    pids = ",".join(f"{k}={v}" for k, v in dep.pids().items())
+    out = out_dir / f"{dep.name}-{speedup:g}-c{c}.json"
+    cmd = [args.client_python, str(SHARED / "referee_loadgen.py"), "--url", dep.url, "--model", "tiny"]
+    cmd += ["--tokenizer", args.model, "--concurrency", str(c), "--requests", str(n), "--warmup", str(warm)]
+    cmd += ["--isl", "100", "--osl", "50", "--pids", pids, "--out", str(out)]
+    subprocess.run(cmd, check=True, timeout=900, stdout=subprocess.DEVNULL)
+    res = json.loads(out.read_text())
+    if args.tandem_bench:
+        tb = out_dir / f"{dep.name}-{speedup:g}-c{c}-tandem-bench.json"
+        cmd = [str(REPO / ".venv/bin/tandem"), "bench", "--url", dep.url, "--model", "tiny", "--chat"]
+        cmd += ["--tokenizer", args.model, "--concurrency", str(c), "--requests", str(n)]
+        cmd += ["--warmup", str(warm), "--out", str(tb)]
+        subprocess.run(cmd, check=True, timeout=900, stdout=subprocess.DEVNULL)
+        res["tandem_bench"] = json.loads(tb.read_text())
+    print(f"  {dep.name:15s} x{speedup:<6g} c={c:<3d} {summary(res)}", flush=True)
+    return res
+
+
+def summary(r: dict) -> str:
+    t, i = r["ttft_ms"], r["itl_ms"]
+    return (
+        f"{r['req_per_s']:8.1f} req/s {r['out_tok_per_s']:9.0f} tok/s  TTFT p50 {t['p50']:8.2f} "
+        f"p99 {t['p99']:8.2f}  ITL p50 {i['p50']:6.2f} p99 {i['p99']:6.2f} ms  chunks "
+        f"{r['chunks_per_req_mean']}  fe {frontend_cpu_ms_per_token(r) * 1e3:5.1f} us/tok  "
+        f"stack {stack_cpu_ms_per_request(r):5.2f} ms/req  others {r['other_procs_cpu_pct_of_one_core']:.0f}%"
+    )
+
+
+def frontend_cpu_ms_per_token(r: dict) -> float:
+    pct = r["cpu_pct_of_one_core"].get("frontend", 0.0)
+    return pct / 100.0 / max(r["out_tok_per_s"], 1e-9) * 1e3
+
+
+def stack_cpu_ms_per_request(r: dict) -> float:
+    """CPU of every server process (frontend, workers / mocker) per completed request."""
+    pct = sum(v for k, v in r["cpu_pct_of_one_core"].items() if k != "client")
+    return pct / 100.0 / max(r["req_per_s"], 1e-9) * 1e3
+
+
+def prefill_ms(tokens: float) -> float:
+    return 4.209989e-7 * tokens * tokens + 1.518344e-2 * tokens + 16.50142
+
+
+def table(results: dict[str, Any], systems: list[str], speedups: list[float], cs: list[int]) -> str:
+    """Side-by-side rows, then Tandem's ratios over each Dynamo row (rates: > 1 is Tandem better;
+    added latency and CPU: smaller is Tandem better)."""
+    lines = []
+    tandems = [s for s in systems if s.startswith("tandem")]
+    dynamos = [s for s in systems if s.startswith("dynamo")]
+    for sp in speedups:
+        lines.append(f"\n## speed-up {sp:g}")
+        head = f"{'system':16s}{'c':>4s}{'req/s':>9s}{'tok/s':>9s}{'TTFT50':>9s}{'TTFT99':>9s}{'ITL50':>8s}"
+        head += (
+            f"{'ITL99':>8s}{'chunks':>7s}{'feCPU%':>8s}{'feus/tok':>9s}{'stackms/req':>12s}{'others%':>8s}"
+        )
+        lines.append(head)
+        for c in cs:
+            for s in systems:
+                r = results.get(f"{s}|{sp:g}|{c}")
+                if r is None:
+                    continue
+                t, i = r["ttft_ms"], r["itl_ms"]
+                fe = r["cpu_pct_of_one_core"].get("frontend", 0.0)
+                lines.append(
+                    f"{s:16s}{c:4d}{r['req_per_s']:9.1f}{r['out_tok_per_s']:9.0f}{t['p50']:9.2f}"
+                    f"{t['p99']:9.2f}{i['p50']:8.2f}{i['p99']:8.2f}{r['chunks_per_req_mean']:7.1f}{fe:8.1f}"
+                    f"{frontend_cpu_ms_per_token(r) * 1e3:9.1f}{stack_cpu_ms_per_request(r):12.2f}"
+                    f"{r['other_procs_cpu_pct_of_one_core']:8.0f}"
+                )
+            for ts in tandems:
+                for ds in dynamos:
+                    a, b = results.get(f"{ts}|{sp:g}|{c}"), results.get(f"{ds}|{sp:g}|{c}")
+                    if a is not None and b is not None:
+                        lines.append(f"  {ts} / {ds}: " + ratios(a, b, sp))
+    return "\n".join(lines)
+
+
+def ratios(a: dict, b: dict, speedup: float) -> str:
+    cpu = stack_cpu_ms_per_request(a) / max(stack_cpu_ms_per_request(b), 1e-9)
+    fe = frontend_cpu_ms_per_token(a) / max(frontend_cpu_ms_per_token(b), 1e-9)
+    if speedup != 1:
+        rps, tps = a["req_per_s"] / b["req_per_s"], a["out_tok_per_s"] / b["out_tok_per_s"]
+        return (
+            f"req/s x{rps:.2f}, tok/s x{tps:.2f}, frontend CPU/token x{fe:.2f}, stack CPU/request x{cpu:.2f}"
+        )
+    # Added latency = measured - the engine's own time for one request alone (the same model for both).
+    floor_ttft = prefill_ms(a.get("server_prompt_tokens_p50") or 100)
+    floor_itl = 5.74
+    parts = []
+    for key, floor in (("ttft_ms", floor_ttft), ("itl_ms", floor_itl)):
+        for p in ("p50", "p99"):
+            da, db = a[key][p] - floor, b[key][p] - floor
+            parts.append(f"{key[:4].upper().rstrip('_')} {p} added {da:+.2f} vs {db:+.2f} ms")
+    return "; ".join(parts) + f"; frontend CPU/token x{fe:.2f}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(
+        "--model", default=str(Path.home() / ".cache/tandem/bench/tok8k"), help="tokenizer+config dir"
+    )
+    ap.add_argument("--dynamo", default=str(Path.home() / ".cache/tandem/dynamo"), help="venv/ + nodelay.so")
+    ap.add_argument("--dynamo-router", default="round-robin")
+    ap.add_argument(
+        "--client-python", default=None, help="python with aiohttp+tokenizers (default: Dynamo's)"
+    )
+    ap.add_argument("--systems", default="tandem-rr,tandem-ll,dynamo,dynamo-nodelay")
+    ap.add_argument("--speedups", default="1,10000")
+    ap.add_argument("--concurrency", default="1,16,64")
+    ap.add_argument("--port", type=int, default=8765)
+    ap.add_argument("--tandem-bench", action="store_true", help="also run `tandem bench` on each point")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    args.client_python = args.client_python or str(Path(args.dynamo) / "venv/bin/python")
+    if not (Path(args.model) / "config.json").is_file():
+        # The mocker samples ids from an 8k range: a 512-token vocabulary would decode them to nothing.
+        maker = str(SHARED / "make_tokenizer_dir.py")
+        subprocess.run([args.client_python, maker, args.model], check=True)
+    systems = args.systems.split(",")
+    speedups = [float(s) for s in args.speedups.split(",")]
+    cs = [int(c) for c in args.concurrency.split(",")]
+    out_dir = Path(tempfile.mkdtemp(prefix="serving-vs-dynamo-"))
+    print(f"raw results and logs in {out_dir}", flush=True)
+    results: dict[str, Any] = {}
+    for sp in speedups:
+        for s in systems:
+            if s.startswith("tandem"):
+                dep = start_tandem(
+                    args, sp, {"tandem-rr": "round-robin", "tandem-ll": "least-loaded"}[s], out_dir
+                )
+            else:
+                dep = start_dynamo(args, sp, s == "dynamo-nodelay", out_dir)
+            try:
+                wait_ready(dep)
+                for c in cs:
+                    results[f"{s}|{sp:g}|{c}"] = run_point(args, dep, sp, c, out_dir)
+            finally:
+                dep.stop()
+    print(table(results, systems, speedups, cs))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

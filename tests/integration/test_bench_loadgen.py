@@ -1,0 +1,114 @@
+"""`tandem bench` against a real HTTP server on 127.0.0.1 (uvicorn + the simulated engine in-process):
+closed loop with token-id prompts, open loop, chat text prompts, and a small Mooncake trace."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+
+from tandem.cli.main import main
+from tandem.engine.config import EngineConfig
+from tandem.frontend.app import create_app
+from tandem.frontend.local import LocalBackend
+from tandem.models.tiny import write_tiny_model
+
+
+class _Server:
+    def __init__(self, app: Any) -> None:
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            assert time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.01)
+        self.url = f"http://127.0.0.1:{self.server.servers[0].sockets[0].getsockname()[1]}"
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def url(tiny_dir: Path) -> Iterator[str]:
+    # speed-up 50: ~0.1 ms decode steps, so ITL is measurable and a run takes well under a second.
+    config = EngineConfig(block_size=16, max_model_len=1024)
+    backend = LocalBackend.build(tiny_dir, engine="sim", name="tiny", speedup=50, config=config)
+    server = _Server(create_app(backend))
+    yield server.url
+    server.server.should_exit = True
+    server.thread.join(timeout=10)
+    backend.close()
+
+
+def _bench(tmp_path: Path, url: str, *args: str) -> dict[str, Any]:
+    out = tmp_path / "report.json"
+    code = main(["bench", "--url", url, "--model", "tiny", "--out", str(out), *args])
+    assert code == 0
+    return json.loads(out.read_text())
+
+
+def _sane(rep: dict[str, Any], n: int, osl: int | None) -> None:
+    assert rep["requests"] == rep["completed"] == n and rep["errors"] == 0
+    if osl is not None:
+        assert rep["output_tokens_mean"] == osl and rep["chunks_per_request_mean"] == osl
+    assert rep["duration_s"] > 0 and rep["req_per_s"] > 0 and rep["output_tok_per_s"] > 0
+    for key in ("ttft_ms", "itl_ms", "tpot_ms", "e2e_ms"):
+        d = rep[key]
+        assert 0 < d["p50"] <= d["p90"] <= d["p99"], (key, d)
+    assert rep["ttft_ms"]["p50"] < rep["e2e_ms"]["p50"]
+    assert rep["goodput_fraction"] == 1.0 and rep["slo_met"]  # 2 s / 50 ms are far above the sim's times
+
+
+def test_closed_loop_token_prompts(tmp_path: Path, url: str, tiny_dir: Path) -> None:
+    rep = _bench(
+        tmp_path, url, "--tokenizer", str(tiny_dir), "--concurrency", "4", "--requests", "40",
+        "--warmup", "4", "--isl", "32", "--osl", "8",
+    )  # fmt: skip
+    _sane(rep, 40, 8)
+    assert rep["prompt_tokens_mean"] == 32
+    assert rep["config"]["concurrency"] == 4
+
+
+def test_open_loop_poisson(tmp_path: Path, url: str, tiny_dir: Path) -> None:
+    rep = _bench(
+        tmp_path, url, "--tokenizer", str(tiny_dir), "--rate", "100", "--requests", "30",
+        "--isl", "16", "--osl", "4",
+    )  # fmt: skip
+    _sane(rep, 30, 4)
+    # 30 arrivals at 100/s take about 0.3 s; far more means the generator did not pace them.
+    assert 0.05 < rep["duration_s"] < 5
+
+
+def test_chat_text_prompts(tmp_path: Path, url: str, tiny_dir: Path) -> None:
+    rep = _bench(
+        tmp_path, url, "--chat", "--tokenizer", str(tiny_dir), "--concurrency", "2",
+        "--requests", "10", "--isl", "24", "--osl", "6",
+    )  # fmt: skip
+    _sane(rep, 10, 6)
+    assert rep["prompt_tokens_mean"] > 24  # the chat template adds its own tokens
+
+
+def test_mooncake_trace_replay(tmp_path: Path, url: str, tiny_dir: Path) -> None:
+    trace = tmp_path / "trace.jsonl"
+    rows = [
+        {"timestamp": 0, "input_length": 1000, "output_length": 40, "hash_ids": [1, 2]},
+        {"timestamp": 100, "input_length": 1024, "output_length": 20, "hash_ids": [1, 2]},
+        {"timestamp": 200, "input_length": 600, "output_length": 16, "hash_ids": [3, 4]},
+    ]
+    trace.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    rep = _bench(
+        tmp_path, url, "--tokenizer", str(tiny_dir), "--trace", str(trace), "--time-scale", "10",
+        "--length-divisor", "4",
+    )  # fmt: skip
+    _sane(rep, 3, None)
+    assert rep["prompt_tokens_mean"] == pytest.approx((250 + 256 + 150) / 3, abs=0.1)
+    assert rep["output_tokens_mean"] == pytest.approx((10 + 5 + 4) / 3, abs=0.01)
