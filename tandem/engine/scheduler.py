@@ -217,6 +217,8 @@ class Scheduler:
         for rid in receiving:
             req = self.waiting_for_kv.pop(rid, None)
             if req is not None:
+                # Loaded once; a later preemption recomputes locally instead of asking the peer again.
+                req.kv_transfer_params = None
                 req.status = RequestStatus.WAITING
                 self.waiting.appendleft(req)
         for rid in failed or ():
