@@ -392,3 +392,18 @@ def test_merged_outputs_stream_one_event_per_token(fake_server: tuple[Server, Fa
     assert chunks[0]["delta"]["role"] == "assistant"
     assert all("role" not in c["delta"] for c in chunks[1:])
     assert [c["finish_reason"] for c in chunks] == [None, None, None, None, "length"]
+
+
+def _crash(req: GenerateRequest) -> AsyncIterator[EngineOutput]:
+    raise RuntimeError("backend bug")
+
+
+@pytest.mark.parametrize("fake_server", [(_crash,)], indirect=True)
+def test_backend_crash_is_a_500_in_openai_shape(fake_server: tuple[Server, FakeBackend]) -> None:
+    # The generation routes bypass FastAPI's exception handlers; a crash must still be a clean 500.
+    server, _ = fake_server
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        body = BASE if "chat" in path else {"model": MODEL, "prompt": "hi"}
+        resp = _post(server, path, body, timeout=5)
+        assert resp.status_code == 500 and resp.json()["error"]["code"] == "internal_error"
+    assert httpx.get(server.url + "/v1/chat/completions").status_code == 405
