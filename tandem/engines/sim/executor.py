@@ -56,7 +56,7 @@ class SimExecutor:
         sampled: dict[str, tuple[int, float | None]] = {}
         # One pass over the batch for both the timing shape and the sampled tokens: in fleet replays
         # this loop runs once per request per step, millions of times.
-        prefill_tokens = prefills = prefill_start = decodes = decode_ctx = 0
+        prefill_tokens = prefills = prefill_start = decodes = decode_ctx = attn_pairs = 0
         for item in out.scheduled:
             req = item.request
             n, start = item.num_new_tokens, item.start
@@ -69,6 +69,7 @@ class SimExecutor:
                 prefill_tokens += n
                 prefills += 1
                 prefill_start += start
+                attn_pairs += n * start + n * (n + 1) // 2
             num_tokens = len(req.all_token_ids)
             if start + n == num_tokens:  # `item.samples`
                 sampled[req.request_id] = (self._token(num_tokens, req.prompt_token_ids[0]), None)
@@ -80,6 +81,7 @@ class SimExecutor:
             self.kv_capacity_tokens,
             prefills,
             prefill_start,
+            attn_pairs,
         )
         seconds = self.timing.step_ms(shape) / 1000.0 / self.speedup
         if self._real_clock:

@@ -51,6 +51,10 @@ class StepShape:
     """Requests contributing prefill tokens (k)."""
     prefill_start_tokens: int = 0
     """Sum of those requests' computed tokens before the step (prefix hits and earlier chunks)."""
+    prefill_attn_pairs: int = 0
+    """Causal (query, key) pairs the prefill part attends over: for each prefill request with `n`
+    new tokens after `s` computed ones, n*s + n*(n+1)/2. 0 when the caller does not count them;
+    attention-aware models then treat the step as one request (see `RooflineTiming`)."""
 
     @property
     def dynamo_prefill_tokens(self) -> int:
