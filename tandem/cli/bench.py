@@ -86,6 +86,12 @@ def run(args: argparse.Namespace) -> int:
     from tandem.cli.worker import run_event_loop
 
     try:
+        import aiohttp  # noqa: F401
+    except ImportError:
+        print("tandem bench: needs aiohttp (pip install 'tandem[bench]')", file=sys.stderr)
+        return 2
+
+    try:
         jobs = _jobs(args)
         concurrency = args.concurrency
         if concurrency is None and args.rate is None and args.trace is None:
