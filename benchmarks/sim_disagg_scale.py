@@ -5,6 +5,8 @@ aggregated vs every prefill/decode split vs conditional disaggregation, by goodp
     python benchmarks/sim_disagg_scale.py --workload long --seeds 0      # ISL 3k-8k, OSL 150-300
     python benchmarks/sim_disagg_scale.py --combine sum --link-gbps 12.5 --out x.json
 
+`--tp 2` makes every engine two GPUs (tensor parallel), so 8 GPUs are 4 engines (1P3D..3P1D).
+
 Goodput (DistServe): the highest Poisson rate at which >= 90% of requests meet TTFT <= 2 s and
 TPOT <= 50 ms (`tandem.sim.goodput`), per seed, then averaged over seeds. Every engine is one GPU
 timed by `tandem.engines.sim.profiles.llama3_70b_h100_fp8` (roofline; `--combine` picks how mixed
@@ -74,21 +76,21 @@ def lengths(workload: str) -> list[tuple[int, int]]:
     return uniform_lengths((3000, 8000), (150, 300))
 
 
-def run_case(args: tuple[Case, str, int, int, str, float]) -> dict[str, Any]:
-    case, workload, seed, num_requests, combine, link_gbps = args
-    timing = llama3_70b_h100_fp8(combine=combine)
+def run_case(args: tuple[Case, str, int, int, str, float, int]) -> dict[str, Any]:
+    case, workload, seed, num_requests, combine, link_gbps, tp = args
+    timing = llama3_70b_h100_fp8(combine=combine, tp=tp)
     cfg = fleet_config(case, timing, link_gbps)
     wl = PoissonWorkload(lengths(workload), num_requests, seed)
     start = 8.0 if workload == "azure" else 1.5
     result = find_goodput(lambda rate: PDFleet(cfg).run(wl(rate)), Slo(), start)
     out = result.summary()
-    out.update(case=case.name, seed=seed, gpus=case.num_prefill + case.num_decode)
+    out.update(case=case.name, seed=seed, gpus=(case.num_prefill + case.num_decode) * tp)
     return out
 
 
 def run_cases(cases: list[Case], a: argparse.Namespace) -> list[dict[str, Any]]:
     """Goodput of each case averaged over seeds (latencies from the first seed's goodput run)."""
-    jobs = [(c, a.workload, s, a.requests, a.combine, a.link_gbps) for c in cases for s in a.seeds]
+    jobs = [(c, a.workload, s, a.requests, a.combine, a.link_gbps, a.tp) for c in cases for s in a.seeds]
     with ProcessPoolExecutor(a.jobs) as pool:
         runs = list(pool.map(run_case, jobs))
     rows = []
@@ -123,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--requests", type=int, default=1500, help="requests per run")
     p.add_argument("--gpus", type=int, default=8)
+    p.add_argument("--tp", type=int, default=1, help="GPUs per engine (tensor parallel)")
     p.add_argument("--budgets", type=int, nargs="+", default=[256, 512, 2048, 8192])
     p.add_argument("--thresholds", type=int, nargs="+", default=[512, 1024, 2048])
     p.add_argument("--combine", choices=["max", "sum"], default="max")
@@ -131,22 +134,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="write every row as JSON here")
     a = p.parse_args(argv)
 
-    n = a.gpus
-    agg = [Case(f"agg {n}x, budget {b}", 0, n, b) for b in a.budgets]
-    splits = [Case(f"{k}P{n - k}D", k, n - k, 2048) for k in range(1, n)]
+    n = a.gpus // a.tp  # engines
+    if n < 2:
+        p.error("need at least two engines (gpus / tp >= 2)")
+    tp = f" TP{a.tp}" if a.tp > 1 else ""
+    agg = [Case(f"agg {n}x{tp}, budget {b}", 0, n, b) for b in a.budgets]
+    splits = [Case(f"{k}P{n - k}D{tp}", k, n - k, 2048) for k in range(1, n)]
     rows = run_cases(agg + splits, a)
     best_agg = max(r["goodput"] for r in rows[: len(agg)])
     best = max(rows[len(agg) :], key=lambda r: r["goodput"])
     k = int(best["case"].split("P")[0])
     cond = [
-        Case(f"{kk}P{n - kk}D cond <{t}", kk, n - kk, LOCAL_PREFILL_BUDGET, t)
+        Case(f"{kk}P{n - kk}D{tp} cond <{t}", kk, n - kk, LOCAL_PREFILL_BUDGET, t)
         for kk in sorted({k, max(1, k - 1)})
         for t in a.thresholds
     ]
     rows += run_cases(cond, a)
     print(
         f"workload={a.workload} seeds={a.seeds} requests/run={a.requests} combine={a.combine} "
-        f"link={a.link_gbps} GB/s"
+        f"link={a.link_gbps} GB/s gpus={a.gpus} tp={a.tp}"
     )
     print(table(rows, best_agg))
     if a.out:

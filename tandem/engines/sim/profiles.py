@@ -1,4 +1,4 @@
-"""First-principles timing for a dense transformer on one GPU: a roofline per engine step.
+"""First-principles timing for a dense transformer on one GPU (or a TP group): a roofline per step.
 
 `RooflineTiming` is a `TimingModel` derived from a model's shapes and a GPU's datasheet, not from a
 measurement, so the simulator can stand in for hardware we do not have (a 70B model on H100s). One
@@ -18,7 +18,9 @@ whose contexts sum to `C` tokens:
                     an upper bound for a mixed step, equal to "max" for pure prefill or decode)
 
 with P_lin the parameters of the attention and MLP matmuls, W_read those plus the LM head (the input
-embedding is a row gather), L layers, H query heads of width h, V vocabulary, d hidden size.
+embedding is a row gather), L layers, H query heads of width h, V vocabulary, d hidden size. With
+tensor parallelism over `tp` GPUs, peaks, bandwidth and memory scale by `tp`, and every step adds
+2 * L ring all-reduces of its (T + B) x d BF16 activations.
 
 `llama3_70b_h100_fp8()` is the profile benchmark 3 of "Disaggregated prefill/decode" uses; its
 constants and their sources are in `LLAMA3_70B`, `H100_SXM` and the field docstrings below.
@@ -126,6 +128,14 @@ class RooflineTiming:
     """Fixed per-step cost: scheduling, input preparation, launches (CUDA-graph decode), sampling."""
     combine: Literal["max", "sum"] = "max"
     """How a mixed (chunked prefill + decode) step combines its parts; see the module docstring."""
+    tp: int = 1
+    """GPUs of one engine (tensor parallel): FLOPs, bandwidth and memory scale by `tp`, and each
+    layer adds two all-reduces of the step's activations over NVLink."""
+    nvlink_bytes_per_s: float = 450e9 * 0.7
+    """All-reduce bus bandwidth: H100 NVLink 4 is 900 GB/s bidirectional (450 each way), ~70% of
+    it achieved by NCCL / custom all-reduce on 8 GPUs."""
+    allreduce_latency_s: float = 8e-6
+    """Fixed cost of one small all-reduce (vLLM's custom all-reduce inside a CUDA graph)."""
     gpu_memory_utilization: float = 0.92
     """Fraction of HBM the engine may use (vLLM's `--gpu-memory-utilization`)."""
     activation_bytes: float = 1.5e9
@@ -136,6 +146,8 @@ class RooflineTiming:
             v = getattr(self, name)
             if not 0.0 < v <= 1.0:
                 raise ValueError(f"{name} must be in (0, 1], got {v}")
+        if self.tp < 1:
+            raise ValueError(f"tp must be >= 1, got {self.tp}")
         if self.combine not in ("max", "sum"):
             raise ValueError(f"combine must be 'max' or 'sum', got {self.combine!r}")
         if self.kv_capacity_tokens < 1:
@@ -158,7 +170,8 @@ class RooflineTiming:
     @property
     def kv_capacity_tokens(self) -> int:
         """Tokens of KV that fit beside the weights and activations."""
-        free = self.gpu.hbm_bytes * self.gpu_memory_utilization - self.weight_bytes - self.activation_bytes
+        usable = self.tp * (self.gpu.hbm_bytes * self.gpu_memory_utilization - self.activation_bytes)
+        free = usable - self.weight_bytes
         return int(free // self.kv_bytes_per_token)
 
     def num_blocks(self, block_size: int) -> int:
@@ -167,14 +180,23 @@ class RooflineTiming:
     def _linear_ms(self, tokens: int, sampled: int) -> float:
         m = self.model
         flops = 2.0 * m.linear_params * tokens + 2.0 * m.embedding_params * sampled
-        return flops / (self.gpu.fp8_flops * self.mfu) * 1e3
+        return flops / (self.tp * self.gpu.fp8_flops * self.mfu) * 1e3
+
+    def _allreduce_ms(self, tokens: int) -> float:
+        """Two ring all-reduces a layer of `tokens` BF16 activation rows (0 without TP)."""
+        if self.tp == 1:
+            return 0.0
+        m = self.model
+        nbytes = tokens * m.hidden * 2 * 2 * (self.tp - 1) / self.tp
+        per = nbytes / self.nvlink_bytes_per_s + self.allreduce_latency_s
+        return 2 * m.num_layers * per * 1e3
 
     def _attn_ms(self, pairs: int) -> float:
-        return self.model.attn_flops_per_pair * pairs / (self.gpu.bf16_flops * self.attn_mfu) * 1e3
+        return self.model.attn_flops_per_pair * pairs / (self.tp * self.gpu.bf16_flops * self.attn_mfu) * 1e3
 
     def _memory_ms(self, kv_tokens: int) -> float:
         nbytes = self.weight_read_bytes + kv_tokens * self.kv_bytes_per_token
-        return nbytes / (self.gpu.hbm_bytes_per_s * self.mbu) * 1e3
+        return nbytes / (self.tp * self.gpu.hbm_bytes_per_s * self.mbu) * 1e3
 
     def step_ms(self, shape: StepShape) -> float:
         t, b = shape.prefill_tokens, shape.num_decodes
@@ -184,11 +206,13 @@ class RooflineTiming:
         if t and not pairs:  # caller did not count pairs: one request of t tokens after the prefix
             pairs = t * shape.prefill_start_tokens + t * (t + 1) // 2
         k = max(shape.num_prefills, 1) if t else 0
+        # All-reduces sit between the matmuls of a layer: they add to either bound, never overlap.
+        comm = self._allreduce_ms(t + b)
         if self.combine == "max":
             compute = self._linear_ms(t + b, k + b) + self._attn_ms(pairs + shape.decode_kv_tokens)
             memory = self._memory_ms(shape.decode_kv_tokens + shape.prefill_start_tokens)
-            return max(compute, memory) + self.overhead_ms
-        ms = self.overhead_ms
+            return max(compute, memory) + comm + self.overhead_ms
+        ms = self.overhead_ms + comm
         if t:
             compute = self._linear_ms(t, k) + self._attn_ms(pairs)
             ms += max(compute, self._memory_ms(shape.prefill_start_tokens))

@@ -71,6 +71,15 @@ def test_mixed_steps_max_vs_sum() -> None:
     assert roof.step_ms(StepShape(0, 0, 0.0)) == 0.0
 
 
+def test_tensor_parallel_scales_and_pays_all_reduces() -> None:
+    one, two = llama3_70b_h100_fp8(), llama3_70b_h100_fp8(tp=2)
+    free = 2 * (80 * 2**30 * 0.92 - 1.5e9) - 70_552_387_584
+    assert two.kv_capacity_tokens == int(free // KV_TOKEN)
+    # Two all-reduces a layer: 8 us each plus 1000 x 8192 BF16 rows, half of them crossing NVLink.
+    comm = 2 * 80 * (1000 * 8192 * 2 * 2 * 0.5 / (450e9 * 0.7) + 8e-6) * 1e3
+    assert two.prefill_ms(1000) == pytest.approx((one.prefill_ms(1000) - 3.0) / 2 + comm + 3.0)
+
+
 def test_rejects_bad_fractions() -> None:
     with pytest.raises(ValueError):
         llama3_70b_h100_fp8(mbu=1.5)
