@@ -50,7 +50,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--enforce-disagg", action="store_true", help="refuse instead of prefilling on decode workers"
     )
     p.add_argument("--engine", choices=ENGINES, default="builtin")
-    p.add_argument("--router", default="round-robin", help="round-robin | random | least-loaded")
+    p.add_argument(
+        "--router", default="round-robin", help="round-robin | random | least-loaded | kv | kv-approx"
+    )
     p.add_argument("--speedup", type=float, default=1.0, help="sim engine: faster than modelled time")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
@@ -243,6 +245,9 @@ def _uvicorn_config(backend: Any, spec: DeploymentSpec) -> Any:
     from tandem.frontend.app import create_app
 
     app = create_app(backend)
+    collector = getattr(backend.policy, "collector", None)
+    if collector is not None:  # the KV router's hit rate, decision time, load and decisions
+        app.state.frontend.metrics.registry.register(collector())
     return uvicorn.Config(
         app, http="httptools", loop="none", access_log=False, log_level="warning", lifespan="on"
     )

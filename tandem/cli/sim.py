@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-ROUTER_NAMES = ("round-robin", "random", "least-loaded")
+ROUTER_NAMES = ("round-robin", "random", "least-loaded", "kv")
 
 
 def add_replay_args(p: argparse.ArgumentParser) -> None:

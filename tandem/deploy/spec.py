@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tandem.engines.factory import ENGINES
-from tandem.router.basic import POLICIES
+from tandem.router.basic import KV_POLICIES, POLICIES
 
 ROLES = ("agg", "prefill", "decode")
 ENGINE_ARGS = ("block_size", "num_blocks", "max_num_seqs", "max_num_batched_tokens", "max_model_len")
@@ -90,8 +90,9 @@ class DeploymentSpec:
     """Refuse (503) rather than prefill on a decode worker when no prefill worker is live."""
 
     def __post_init__(self) -> None:
-        if self.policy not in POLICIES:
-            raise ValueError(f"router policy must be one of {tuple(POLICIES)}, got {self.policy!r}")
+        if self.policy not in POLICIES and self.policy not in KV_POLICIES:
+            known = (*POLICIES, *KV_POLICIES)
+            raise ValueError(f"router policy must be one of {known}, got {self.policy!r}")
         if not self.pools or sum(p.replicas for p in self.pools) == 0:
             raise ValueError("the deployment has no workers")
         if self.disagg_min_prompt_tokens < 0:

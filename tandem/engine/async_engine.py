@@ -12,8 +12,9 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from tandem.engine.core import EngineCore, EngineStats
 from tandem.engine.request import SamplingParams
@@ -23,6 +24,8 @@ from tandem.protocol.messages import EngineOutput, GenerateRequest, SamplingSpec
 log = logging.getLogger(__name__)
 
 TRANSFER_POLL_S = 0.002
+
+T = TypeVar("T")
 
 
 def sampling_from_spec(spec: SamplingSpec) -> SamplingParams:
@@ -54,10 +57,19 @@ class _Abort:
     request_id: str
 
 
+@dataclass
+class _Call:
+    """Run `fn(core)` on the engine thread between steps (the core is not thread-safe)."""
+
+    fn: Callable[[EngineCore], Any]
+    future: asyncio.Future[Any]
+    loop: asyncio.AbstractEventLoop
+
+
 class AsyncEngine:
     def __init__(self, core: EngineCore, name: str = "engine") -> None:
         self.core = core
-        self._inbox: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[_Add | _Abort | _Call | None] = queue.SimpleQueue()
         self._streams: dict[str, _Add] = {}
         self._stats = core.stats()
         self._stopped = False
@@ -97,6 +109,15 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._inbox.put(_Abort(request_id))
 
+    async def run_on_engine(self, fn: Callable[[EngineCore], T]) -> T:
+        """`fn(core)` run on the engine thread between two steps (e.g. a consistent KV dump)."""
+        if self._stopped:
+            raise TandemError("the engine is stopped")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._inbox.put(_Call(fn, future, loop))
+        return await future
+
     def shutdown(self) -> None:
         self._stopped = True
         self._inbox.put(None)
@@ -131,9 +152,17 @@ class AsyncEngine:
             self._stats = core.stats()
             self._deliver(outputs)
 
-    def _handle(self, msg: _Add | _Abort) -> None:
+    def _handle(self, msg: _Add | _Abort | _Call) -> None:
         if isinstance(msg, _Abort):
             self.core.abort(msg.request_id)
+            return
+        if isinstance(msg, _Call):
+            try:
+                result = msg.fn(self.core)
+            except Exception as e:
+                msg.loop.call_soon_threadsafe(_set_exception, msg.future, e)
+            else:
+                msg.loop.call_soon_threadsafe(_set_result, msg.future, result)
             return
         req = msg.req
         try:
@@ -171,3 +200,13 @@ class AsyncEngine:
 def _put_all(items: list[tuple[asyncio.Queue, EngineOutput]]) -> None:
     for sink, out in items:
         sink.put_nowait(out)
+
+
+def _set_result(future: asyncio.Future[Any], result: Any) -> None:
+    if not future.done():
+        future.set_result(result)
+
+
+def _set_exception(future: asyncio.Future[Any], error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import msgspec
 
+from tandem.protocol.kv_events import KvCacheDump, KvEvent
 from tandem.protocol.messages import EngineOutput, GenerateRequest
 from tandem.protocol.registry import WorkerInfo, WorkerStats
 
@@ -56,7 +57,26 @@ class WatchCall(msgspec.Struct, tag="watch", array_like=True):
     """Stream a WorkerList now and after every change, until cancelled."""
 
 
-Call = GenerateCall | StatsCall | RegisterCall | KeepAliveCall | RevokeCall | ListCall | WatchCall
+class KvEventsCall(msgspec.Struct, tag="kv_events", array_like=True):
+    """Stream the worker's KV events (`KvEventBatch` replies) until cancelled. Events a slow
+    subscriber cannot take are dropped: the subscriber sees the gap in ids and asks for a dump."""
+
+
+class KvDumpCall(msgspec.Struct, tag="kv_dump", array_like=True):
+    """Every block the worker's prefix cache holds now (one `KvDumpReply`)."""
+
+
+Call = (
+    GenerateCall
+    | StatsCall
+    | RegisterCall
+    | KeepAliveCall
+    | RevokeCall
+    | ListCall
+    | WatchCall
+    | KvEventsCall
+    | KvDumpCall
+)
 
 
 class LeaseGrant(msgspec.Struct, tag="lease", array_like=True):
@@ -72,7 +92,17 @@ class WorkerList(msgspec.Struct, tag="workers", array_like=True):
     workers: list[WorkerInfo]
 
 
-ReplyBody = WorkerStats | LeaseGrant | Ack | WorkerList
+class KvEventBatch(msgspec.Struct, tag="kv_batch", array_like=True):
+    """One engine step's KV events, in event-id order."""
+
+    events: list[KvEvent]
+
+
+class KvDumpReply(msgspec.Struct, tag="kv_dump_reply", array_like=True):
+    dump: KvCacheDump
+
+
+ReplyBody = WorkerStats | LeaseGrant | Ack | WorkerList | KvEventBatch | KvDumpReply
 
 
 class Open(msgspec.Struct, tag="open", array_like=True):

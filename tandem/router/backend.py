@@ -42,6 +42,14 @@ class RouterBackend:
         self.discovery = discovery
         self.policy = make_policy(policy) if isinstance(policy, str) else policy
         self.pool = pool or RpcClientPool()
+        # Optional hooks of stateful policies (the KV router's): events over our pool, the live
+        # worker set, and each request's first token and end (its load).
+        bind = getattr(self.policy, "bind", None)
+        if bind is not None:
+            bind(self.pool)
+        self._sync: Callable[[list[WorkerInfo]], None] | None = getattr(self.policy, "sync", None)
+        self._on_first: Callable[[str], None] | None = getattr(self.policy, "on_first_token", None)
+        self._on_finish: Callable[[str], None] | None = getattr(self.policy, "on_finish", None)
         self.max_attempts = max_attempts
         self.disagg = disagg or DisaggPolicy()
         self.in_flight: Counter[str] = Counter()
@@ -136,7 +144,9 @@ class RouterBackend:
             if not candidates:
                 break
             views = [self._view(w) for w in candidates]
-            chosen = self.policy.pick(req, views)
+            if self._sync is not None:
+                self._sync(self.discovery.snapshot())
+            chosen = self.policy.pick(req, views)  # may raise OverloadedError: load shedding
             worker = next(w for w in candidates if w.worker_id == chosen)
             tried.add(chosen)
             started = False
@@ -145,6 +155,8 @@ class RouterBackend:
                 stream = await self.pool.open(worker.address, GenerateCall(req))
                 async with stream:
                     async for out in stream:
+                        if not started and self._on_first is not None:
+                            self._on_first(req.request_id)
                         started = True
                         yield out
                 return
@@ -159,6 +171,8 @@ class RouterBackend:
                 )
                 last_error = e
             finally:
+                if self._on_finish is not None:
+                    self._on_finish(req.request_id)
                 self.in_flight[chosen] -= 1
                 if self.in_flight[chosen] <= 0:
                     del self.in_flight[chosen]
@@ -167,6 +181,9 @@ class RouterBackend:
         raise OverloadedError(f"no live worker can serve {req.model!r} now") from last_error
 
     async def close(self) -> None:
+        close = getattr(self.policy, "close", None)
+        if close is not None:
+            await close()
         await self.pool.close()
 
     def _live(self) -> list[WorkerInfo]:

@@ -64,9 +64,23 @@ POLICIES: dict[str, type[RoundRobin] | type[Random] | type[LeastLoaded]] = {
 }
 
 
+KV_POLICIES = ("kv", "kv-approx")
+"""KV-aware policies (`router/kv_policy.py`): with KV events, or approximate (predicted from routing)."""
+
+APPROX_TTL_S = 120.0
+"""kv-approx: how long a routed prefix is assumed cached on its worker."""
+
+
 def make_policy(name: str) -> Policy:
     """A fresh policy by its CLI name. Raises ValueError for an unknown name."""
+    if name in KV_POLICIES:
+        from tandem.router.kv import KvRouterConfig
+        from tandem.router.kv_policy import TUNED, KvPolicy
+
+        ttl = APPROX_TTL_S if name == "kv-approx" else None
+        return KvPolicy(KvRouterConfig(policy=TUNED, approx_ttl=ttl))
     try:
         return POLICIES[name]()
     except KeyError:
-        raise ValueError(f"unknown router policy {name!r}; choose one of {', '.join(POLICIES)}") from None
+        names = ", ".join((*POLICIES, *KV_POLICIES))
+        raise ValueError(f"unknown router policy {name!r}; choose one of {names}") from None

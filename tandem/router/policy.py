@@ -2,13 +2,17 @@
 
 KV-aware cost of sending a request of `n` blocks to worker w (lower is better):
 
-    cost(w) = overlap_weight * (n - overlap(w))          prefill blocks left after the cache hit
-            + active_blocks(w)                           decode load: KV blocks of running requests
-            + queued_prefill_tokens(w) / block_size      prefill work already waiting there
+    cost(w) = overlap_weight * (n - overlap(w))                        prefill blocks left after the hit
+            + decode_weight * active_blocks(w)                          decode load: KV of running requests
+            + queued_weight * queued_prefill_tokens(w) / block_size     prefill work already waiting there
 
-temperature 0 picks the argmin (ties: least loaded, then the id); temperature > 0 samples from
-softmax(-cost / (temperature * scale)) so hot prefixes spread once their holder is loaded enough.
-The simulator and the HTTP router call the same functions.
+temperature 0 picks the argmin (ties: least loaded, then a seeded random choice, else the id);
+temperature > 0 samples from softmax(-cost / (temperature * spread)) so hot prefixes spread once
+their holder is loaded enough. The simulator and the HTTP router call the same functions.
+
+The weights are the trade: a high overlap_weight follows the cache (hit rate, less total prefill)
+at the price of queueing on the holder; a high decode_weight balances KV (and ITL) at the price of
+re-prefilling prefixes that another worker holds.
 """
 
 from __future__ import annotations
@@ -34,15 +38,19 @@ class WorkerLoad:
 @dataclass(frozen=True)
 class KvPolicyConfig:
     overlap_weight: float = 1.0
-    """Weight of prefill work against decode load; higher favours cache hits over balance."""
+    """Weight of this request's prefill work against load; higher favours cache hits over balance."""
+    decode_weight: float = 1.0
+    """Weight of active KV blocks (decode load)."""
+    queued_weight: float = 1.0
+    """Weight of prefill tokens already queued on the worker, in blocks."""
     temperature: float = 0.0
     """0: deterministic argmin. > 0: softmax sampling over normalised costs."""
     busy_threshold: float | None = None
     """Active blocks / capacity above which a worker takes no new request (None: never busy)."""
 
     def __post_init__(self) -> None:
-        if self.overlap_weight < 0:
-            raise ValueError("overlap_weight must be >= 0")
+        if min(self.overlap_weight, self.decode_weight, self.queued_weight) < 0:
+            raise ValueError("overlap_weight, decode_weight and queued_weight must be >= 0")
         if self.temperature < 0:
             raise ValueError("temperature must be >= 0")
         if self.busy_threshold is not None and not 0 < self.busy_threshold:
@@ -61,8 +69,8 @@ def kv_costs(
         prefill_blocks = num_request_blocks - min(overlaps.get(load.worker_id, 0), num_request_blocks)
         costs[load.worker_id] = (
             config.overlap_weight * prefill_blocks
-            + load.active_blocks
-            + load.queued_prefill_tokens / block_size
+            + config.decode_weight * load.active_blocks
+            + config.queued_weight * load.queued_prefill_tokens / block_size
         )
     return costs
 
@@ -90,8 +98,14 @@ def pick_kv(
         return None
     costs = kv_costs(num_request_blocks, overlaps, candidates, block_size, config)
     if config.temperature <= 0 or len(candidates) == 1:
-        best = min(candidates, key=lambda w: (costs[w.worker_id], w.active_blocks, w.worker_id))
-        return best.worker_id
+
+        def key(w: WorkerLoad) -> tuple[float, float]:
+            return (costs[w.worker_id], w.active_blocks + w.queued_prefill_tokens / block_size)
+
+        best_key = min(key(w) for w in candidates)
+        tied = sorted(w.worker_id for w in candidates if key(w) == best_key)
+        # A seeded random tie-break spreads an idle fleet; without an rng the lowest id is stable.
+        return tied[0] if rng is None or len(tied) == 1 else rng.choice(tied)
     lo = min(costs.values())
     spread = max(max(costs.values()) - lo, 1.0)
     weights = [math.exp(-(costs[w.worker_id] - lo) / (spread * config.temperature)) for w in candidates]

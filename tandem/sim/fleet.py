@@ -98,15 +98,22 @@ class Fleet:
         self.router = router or RoundRobinRouter()
         self.workers = [SimWorker(i, config) for i in range(config.num_workers)]
         self.now = 0.0
+        # Optional router hooks (the KV router's): see `tandem.sim.routing.FleetObserver`.
+        attach = getattr(self.router, "attach", None)
+        if attach is not None:
+            attach(self.workers)
+        self._on_output = getattr(self.router, "on_output", None)
 
     def run(self, requests: Sequence[TraceRequest], *, until: float | None = None) -> RunMetrics:
         """Replay `requests` (any order; sorted by arrival here) to completion, or until simulated
-        time `until`. Returns the records; request i of the sorted list has record i."""
+        time `until`. Returns the records; request i of the sorted list has record i, is routed
+        i-th, and is named str(i) in its engine and in the router's hooks."""
         reqs = sorted(requests, key=lambda r: r.arrival_s)
         metrics = RunMetrics(records=[RequestRecord(r.arrival_s, r.input_len) for r in reqs])
         records = metrics.records
         on_tokens = metrics.on_tokens
         workers = self.workers
+        on_output = self._on_output
         heap: list[tuple[float, int]] = []
         n, i = len(reqs), 0
         wall0 = time.perf_counter()
@@ -136,6 +143,8 @@ class Fleet:
                 rec = records[int(out.request_id)]
                 done = out.finish_reason is not None
                 on_tokens(rec, t, len(out.new_token_ids), out.num_cached_tokens, done)
+                if on_output is not None:
+                    on_output(t, out)
                 if done:
                     w.num_active -= 1
             w.pending = []

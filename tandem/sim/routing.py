@@ -4,13 +4,27 @@ A router is any callable with that signature. It may read each worker's engine (
 `worker.core.kv`, `worker.core.stats()`) and the fleet's bookkeeping (`worker.num_active`), and must
 not change them. Stateful policies (a round-robin cursor, a seeded RNG) are small classes so that two
 runs with the same arguments route identically.
+
+A router may also observe the fleet (`FleetObserver`): `attach(workers)` once before the run (the KV
+router installs each engine's KV event sink there, so events reach its index the step they happen),
+and `on_output(t, output)` for every output as it becomes visible (first token: prefill done;
+finish: free). The fleet routes requests once each in arrival order and names request i "i".
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+from tandem.kvcache.hashing import block_hashes
+from tandem.protocol.kv_events import KvEvent
+from tandem.protocol.messages import EngineOutput
+from tandem.router.basic import APPROX_TTL_S
+from tandem.router.kv import KvRouter, KvRouterConfig
+from tandem.router.kv_policy import TUNED
+from tandem.router.policy import WorkerLoad
 
 if TYPE_CHECKING:
     from tandem.bench.traces import TraceRequest
@@ -60,12 +74,74 @@ class LeastLoadedRouter:
         return best
 
 
+class KvSimRouter:
+    """The HTTP router's `KvRouter` driven on the fleet's virtual clock, fed by each engine's events.
+
+    `config.block_size` is replaced by the engines' block size at `attach`. With `config.approx_ttl`
+    set it ignores events and predicts the cache from its own decisions (`kv-approx`).
+    """
+
+    def __init__(self, config: KvRouterConfig | None = None) -> None:
+        self.config = config or KvRouterConfig()
+        self.kv = KvRouter(self.config)
+        self._loads: list[WorkerLoad] = []
+        self._next_id = 0
+        self._started: set[str] = set()
+
+    def attach(self, workers: Sequence[SimWorker]) -> None:
+        bs = workers[0].core.config.block_size
+        if bs != self.config.block_size:
+            self.config = replace(self.config, block_size=bs)
+            self.kv = KvRouter(self.config)
+        self._loads = [WorkerLoad(str(w.index), capacity_blocks=w.core.kv.num_blocks) for w in workers]
+        if self.config.approx_ttl is None:
+            for w in workers:
+                w.core.event_sink = self._sink(str(w.index))
+
+    def _sink(self, worker: str) -> Callable[[list[KvEvent]], None]:
+        kv = self.kv
+
+        def sink(events: list[KvEvent]) -> None:
+            # In one process nothing is lost: a gap here is a bug, not a resync.
+            assert kv.apply_events(worker, events), f"KV event gap from sim worker {worker}"
+
+        return sink
+
+    def __call__(self, request: TraceRequest, workers: Sequence[SimWorker]) -> int:
+        rid = str(self._next_id)
+        self._next_id += 1
+        hashes = block_hashes(request.prompt_token_ids(), self.config.block_size)
+        decision = self.kv.route(rid, hashes, request.input_len, self._loads, now=request.arrival_s)
+        assert decision is not None, "the simulator sets no busy threshold"
+        return int(decision.worker_id)
+
+    def on_output(self, t: float, out: EngineOutput) -> None:
+        rid = out.request_id
+        if out.finish_reason is not None:
+            self.kv.finish(rid)
+            self._started.discard(rid)
+        elif rid not in self._started:
+            self._started.add(rid)
+            self.kv.prefill_done(rid)
+
+
+def kv_router(**policy: Any) -> Callable[[], Router]:
+    """A factory of KV routers with `KvPolicyConfig` fields set (for sweeps)."""
+    from tandem.router.policy import KvPolicyConfig
+
+    return lambda: KvSimRouter(KvRouterConfig(policy=KvPolicyConfig(**policy)))
+
+
 ROUTERS: dict[str, Callable[[], Router]] = {
     "round-robin": RoundRobinRouter,
     "random": RandomRouter,
     "least-loaded": LeastLoadedRouter,
+    "kv": lambda: KvSimRouter(KvRouterConfig(policy=TUNED)),
+    "kv-approx": lambda: KvSimRouter(KvRouterConfig(policy=TUNED, approx_ttl=APPROX_TTL_S)),
+    "kv-dynamo": KvSimRouter,
 }
-"""Built-in routers by CLI name; each call makes a fresh (stateful) instance. Others register here."""
+"""Built-in routers by CLI name; each call makes a fresh (stateful) instance. Others register here.
+`kv-dynamo` is the KV router with Dynamo's default weights (1, 1, 1), for side-by-side runs."""
 
 
 def make_router(name: str) -> Router:

@@ -3,6 +3,8 @@
     Worker(config, discovery).start()  -> builds EngineCore + AsyncEngine, listens, registers
     generate call  -> AsyncEngine.generate, outputs streamed back (closing the stream aborts it)
     stats call     -> WorkerStats (engine counters + active requests)
+    kv_events call -> this engine's KV events, a batch a step, until cancelled (KV-aware routers)
+    kv_dump call   -> every cached block now (a router's bootstrap or resync after a gap)
     drain()        -> status "draining" in discovery (routers stop picking it), new generate calls
                       refused with OverloadedError, in-flight requests finish (bounded), deregister
 
@@ -30,9 +32,18 @@ from tandem.engine.executor import Executor
 from tandem.engines.factory import build_executor
 from tandem.protocol.errors import InvalidRequestError, ModelNotFoundError, OverloadedError
 from tandem.protocol.registry import Hardware, Role, WorkerInfo, WorkerLoad, WorkerStats
-from tandem.protocol.rpc import Call, GenerateCall, StatsCall
+from tandem.protocol.rpc import (
+    Call,
+    GenerateCall,
+    KvDumpCall,
+    KvDumpReply,
+    KvEventBatch,
+    KvEventsCall,
+    StatsCall,
+)
 from tandem.transfer.connector import DisaggConnector
 from tandem.transfer.layout import layout_from_config
+from tandem.worker.publisher import KvEventPublisher
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +94,7 @@ class Worker:
         self._executor = executor
         self.engine: AsyncEngine | None = None
         self.connector: DisaggConnector | None = None
+        self.publisher: KvEventPublisher | None = None
         self.server = RpcServer(self._handle, host=config.host, port=config.port, name=self.worker_id)
         self.lease: Lease | None = None
         self.draining = False
@@ -121,9 +133,9 @@ class Worker:
                 kv_connector=self.connector,
             )
         conn = (self.connector, self.connector) if self.connector is not None else None
-        self.engine = AsyncEngine(
-            EngineCore(cfg.engine_config, self._executor, connector=conn), name=self.worker_id
-        )
+        self.publisher = KvEventPublisher(asyncio.get_running_loop())
+        core = EngineCore(cfg.engine_config, self._executor, connector=conn, event_sink=self.publisher.sink)
+        self.engine = AsyncEngine(core, name=self.worker_id)
         await self.server.start()
         if self.discovery is not None:
             self.lease = await self.discovery.register(self.info(), cfg.lease_ttl)
@@ -206,6 +218,15 @@ class Worker:
     async def _handle(self, call: Call) -> AsyncGenerator[Any, None]:
         if isinstance(call, StatsCall):
             yield self.stats()
+            return
+        if isinstance(call, KvEventsCall):
+            assert self.publisher is not None, "start() the worker first"
+            async for events in self.publisher.subscribe():
+                yield KvEventBatch(events)
+            return
+        if isinstance(call, KvDumpCall):
+            assert self.engine is not None, "start() the worker first"
+            yield KvDumpReply(await self.engine.run_on_engine(lambda core: core.kv_dump()))
             return
         if not isinstance(call, GenerateCall):
             raise InvalidRequestError(f"a worker does not serve {type(call).__name__}")

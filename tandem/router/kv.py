@@ -1,0 +1,229 @@
+"""KvRouter: the KV-aware routing decision with its state — index, active sequences, metrics.
+
+    route(request)  -> overlaps = indexer.find_matches(request blocks)
+                       loads    = active sequences (the router's own count) per candidate
+                       worker   = policy.pick_kv(...)             (pure; shared with the simulator)
+                       active sequences += the request
+    events(worker)  -> indexer.apply_events; False on a gap: the caller fetches a dump -> apply_dump
+    first token     -> prefill_done;  finish -> finish
+
+No I/O and no clock of its own (`now` is passed in), so the fleet simulator drives it synchronously on
+virtual time and the HTTP router (`router/kv_policy.py`) on the monotonic clock.
+
+Approximate mode (`approx_ttl` set) needs no events: the router predicts that the worker it picked
+holds the request's blocks for `approx_ttl` seconds, and indexes that prediction instead.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter, deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from tandem.protocol.kv_events import BlockRemoved, BlockStored, KvCacheDump, KvEvent
+from tandem.router.indexer import KvIndexer
+from tandem.router.load import ActiveSequences
+from tandem.router.policy import KvPolicyConfig, WorkerLoad, pick_kv
+
+
+@dataclass(frozen=True)
+class KvRouterConfig:
+    block_size: int = 16
+    """Tokens per KV block; must equal the workers' block size (hashes are per block)."""
+    policy: KvPolicyConfig = field(default_factory=KvPolicyConfig)
+    approx_ttl: float | None = None
+    """Approximate mode: no KV events; a routed prefix counts as cached there for this many seconds."""
+    active_ttl: float = 600.0
+    """A routed request never heard of again stops counting as load after this many seconds."""
+    decode_load_only: bool = False
+    """Count only requests past their prefill as decode load (`active_blocks`); requests still in
+    prefill are then load through their queued prefill tokens alone (not counted twice)."""
+    seed: int = 0
+    """Seeds tie-breaks and softmax sampling, so a replay routes the same way twice."""
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError("block_size must be >= 1")
+        if self.approx_ttl is not None and self.approx_ttl <= 0:
+            raise ValueError("approx_ttl must be > 0")
+
+
+@dataclass(frozen=True)
+class RouteDecision:
+    worker_id: str
+    overlap_blocks: int
+    """Leading blocks of the request the chosen worker holds (as the index knew it)."""
+    num_blocks: int
+    prefill_tokens: int
+    """Prompt tokens left to compute there."""
+
+
+class RouterMetrics:
+    """Counters a `/metrics` endpoint or a benchmark reads. Decision times: the last 10,000."""
+
+    def __init__(self) -> None:
+        self.decisions: Counter[str] = Counter()
+        self.prompt_tokens = 0
+        self.predicted_cached_tokens = 0
+        """Tokens the index said the chosen worker held (the router's view of the hit rate)."""
+        self.shed = 0
+        """Requests refused because every candidate was past the busy threshold."""
+        self.resyncs = 0
+        self.decision_seconds: deque[float] = deque(maxlen=10_000)
+        self.decision_seconds_sum = 0.0
+
+    def percentile_ms(self, q: float) -> float:
+        if not self.decision_seconds:
+            return 0.0
+        xs = sorted(self.decision_seconds)
+        return xs[min(len(xs) - 1, int(q * len(xs)))] * 1e3
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "decisions": dict(self.decisions),
+            "prompt_tokens": self.prompt_tokens,
+            "predicted_cached_tokens": self.predicted_cached_tokens,
+            "predicted_hit_rate": self.predicted_cached_tokens / max(self.prompt_tokens, 1),
+            "shed": self.shed,
+            "resyncs": self.resyncs,
+            "decision_p50_ms": self.percentile_ms(0.5),
+            "decision_p99_ms": self.percentile_ms(0.99),
+        }
+
+
+class KvRouter:
+    def __init__(self, config: KvRouterConfig | None = None) -> None:
+        self.config = config or KvRouterConfig()
+        self.indexer = KvIndexer()
+        self.active = ActiveSequences(self.config.active_ttl)
+        self.metrics = RouterMetrics()
+        self._rng = random.Random(self.config.seed)
+        self._predicted: deque[tuple[float, str, list[int]]] = deque()
+        self._predicted_until: dict[tuple[str, int], float] = {}
+        self._synthetic_ids: Counter[str] = Counter()
+
+    @property
+    def approximate(self) -> bool:
+        return self.config.approx_ttl is not None
+
+    def route(
+        self,
+        request_id: str,
+        block_hashes: Sequence[int],
+        num_tokens: int,
+        candidates: Sequence[WorkerLoad],
+        *,
+        now: float = 0.0,
+        overrides: dict[str, Any] | None = None,
+        kv_transferred: bool = False,
+        block_size: int | None = None,
+    ) -> RouteDecision | None:
+        """Pick a worker among `candidates` and count the request on it; None if all are busy.
+
+        `candidates` name the workers and their capacity; their load fields are replaced by the
+        router's own count (fresher than any report). `overrides` are `KvPolicyConfig` fields for
+        this request only (e.g. {"overlap_weight": 0}). `kv_transferred`: the prompt's KV arrives
+        from a prefill worker (a disaggregated decode leg), so it is placed by load alone and
+        brings no prefill work.
+        `block_size` (default: the config's) is the candidates' block size, which `block_hashes`
+        were computed with.
+        """
+        t0 = time.perf_counter()
+        cfg = self.config
+        bs = block_size or cfg.block_size
+        policy = replace(cfg.policy, **overrides) if overrides else cfg.policy
+        self.active.expire(now)
+        if self.approximate:
+            self._expire_predictions(now)
+        overlaps = {} if kv_transferred else self.indexer.find_matches(block_hashes)
+        blocks_of = self.active.decode_blocks if cfg.decode_load_only else self.active.active_blocks
+        loads = [
+            WorkerLoad(
+                worker_id=c.worker_id,
+                active_blocks=blocks_of(c.worker_id),
+                queued_prefill_tokens=self.active.queued_prefill_tokens(c.worker_id),
+                active_requests=self.active.active_requests(c.worker_id),
+                capacity_blocks=c.capacity_blocks,
+            )
+            for c in candidates
+        ]
+        n = len(block_hashes)
+        chosen = pick_kv(n, overlaps, loads, bs, policy, self._rng)
+        if chosen is None:
+            self.metrics.shed += 1
+            return None
+        overlap = min(overlaps.get(chosen, 0), n)
+        # The engine always computes the last prompt token, even on a full hit.
+        prefill = 0 if kv_transferred else max(1, num_tokens - overlap * bs)
+        num_blocks = -(-num_tokens // bs)
+        self.active.add(request_id, chosen, num_blocks, prefill, now)
+        if self.approximate and not kv_transferred:
+            self._predict(chosen, list(block_hashes), now, bs)
+        m = self.metrics
+        m.decisions[chosen] += 1
+        m.prompt_tokens += num_tokens
+        m.predicted_cached_tokens += num_tokens - prefill
+        dt = time.perf_counter() - t0
+        m.decision_seconds.append(dt)
+        m.decision_seconds_sum += dt
+        return RouteDecision(chosen, overlap, n, prefill)
+
+    def prefill_done(self, request_id: str) -> None:
+        self.active.prefill_done(request_id)
+
+    def finish(self, request_id: str) -> None:
+        self.active.free(request_id)
+
+    def apply_events(self, worker: str, events: Sequence[KvEvent]) -> bool:
+        """Index a worker's events. False: events were lost, fetch a dump and `apply_dump` it.
+        Ignored in approximate mode (the index holds predictions there)."""
+        if self.approximate:
+            return True
+        return self.indexer.apply_events(worker, events)
+
+    def apply_dump(self, worker: str, dump: KvCacheDump) -> None:
+        if self.approximate:
+            return
+        self.metrics.resyncs += 1
+        self.indexer.apply_dump(worker, dump)
+
+    def remove_worker(self, worker: str) -> None:
+        """Purge a worker that left: its index entries and the requests counted on it."""
+        self.indexer.remove_worker(worker)
+        self.active.remove_worker(worker)
+        self._synthetic_ids.pop(worker, None)
+        self._predicted_until = {k: v for k, v in self._predicted_until.items() if k[0] != worker}
+
+    def loads(self, workers: Sequence[str]) -> list[WorkerLoad]:
+        """The router's view of each worker's load (for metrics and status)."""
+        a = self.active
+        return [
+            WorkerLoad(w, a.active_blocks(w), a.queued_prefill_tokens(w), a.active_requests(w))
+            for w in workers
+        ]
+
+    def _predict(self, worker: str, hashes: list[int], now: float, block_size: int) -> None:
+        assert self.config.approx_ttl is not None
+        until = now + self.config.approx_ttl
+        for h in hashes:
+            self._predicted_until[(worker, h)] = until
+        self._predicted.append((until, worker, hashes))
+        eid = self._synthetic_ids[worker]
+        self._synthetic_ids[worker] = eid + 1
+        self.indexer.apply_events(worker, [BlockStored(eid, hashes, None, block_size)])
+
+    def _expire_predictions(self, now: float) -> None:
+        q = self._predicted
+        while q and q[0][0] <= now:
+            until, worker, hashes = q.popleft()
+            # A later route of the same prefix to the same worker renewed these blocks: keep those.
+            gone = [h for h in hashes if self._predicted_until.get((worker, h)) == until]
+            for h in gone:
+                del self._predicted_until[(worker, h)]
+            if gone and worker in self._synthetic_ids:
+                eid = self._synthetic_ids[worker]
+                self._synthetic_ids[worker] = eid + 1
+                self.indexer.apply_events(worker, [BlockRemoved(eid, gone)])
