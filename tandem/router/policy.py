@@ -96,16 +96,23 @@ def pick_kv(
     candidates = available(loads, config.busy_threshold)
     if not candidates:
         return None
-    costs = kv_costs(num_request_blocks, overlaps, candidates, block_size, config)
     if config.temperature <= 0 or len(candidates) == 1:
-
-        def key(w: WorkerLoad) -> tuple[float, float]:
-            return (costs[w.worker_id], w.active_blocks + w.queued_prefill_tokens / block_size)
-
-        best_key = min(key(w) for w in candidates)
-        tied = sorted(w.worker_id for w in candidates if key(w) == best_key)
-        # A seeded random tie-break spreads an idle fleet; without an rng the lowest id is stable.
-        return tied[0] if rng is None or len(tied) == 1 else rng.choice(tied)
+        # One pass, no intermediate dicts: this runs over every worker of the fleet per request.
+        n = num_request_blocks
+        ow, dw, qw = config.overlap_weight, config.decode_weight, config.queued_weight
+        best: tuple[float, float] | None = None
+        tied: list[str] = []
+        for w in candidates:
+            left = n - min(overlaps.get(w.worker_id, 0), n)
+            queued = w.queued_prefill_tokens / block_size
+            key = (ow * left + dw * w.active_blocks + qw * queued, w.active_blocks + queued)
+            if best is None or key < best:
+                best, tied = key, [w.worker_id]
+            elif key == best:
+                tied.append(w.worker_id)
+        # Ties: a seeded random choice spreads an idle fleet; without an rng the lowest id is stable.
+        return min(tied) if rng is None or len(tied) == 1 else rng.choice(sorted(tied))
+    costs = kv_costs(num_request_blocks, overlaps, candidates, block_size, config)
     lo = min(costs.values())
     spread = max(max(costs.values()) - lo, 1.0)
     weights = [math.exp(-(costs[w.worker_id] - lo) / (spread * config.temperature)) for w in candidates]
