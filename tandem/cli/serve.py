@@ -248,6 +248,7 @@ def _uvicorn_config(backend: Any, spec: DeploymentSpec) -> Any:
     collector = getattr(backend.policy, "collector", None)
     if collector is not None:  # the KV router's hit rate, decision time, load and decisions
         app.state.frontend.metrics.registry.register(collector())
+    app.state.frontend.metrics.registry.register(backend.disagg_metrics)  # prefill and hand-off times
     return uvicorn.Config(
         app, http="httptools", loop="none", access_log=False, log_level="warning", lifespan="on"
     )

@@ -36,6 +36,8 @@ class EngineStats:
     prompt_tokens_total: int
     cached_tokens_total: int
     num_steps: int
+    busy_seconds_total: float = 0.0
+    """Sum of the executor's step times (forward pass and sampling; nothing while idle)."""
 
 
 class EngineCore:
@@ -62,6 +64,7 @@ class EngineCore:
         self.event_sink = event_sink
         self.num_steps = 0
         self.last_step_seconds = 0.0
+        self.busy_seconds_total = 0.0
         self.last_step_idle = False
         """The last step scheduled nothing (e.g. every waiting request needs blocks that peers hold)."""
         self._ids = itertools.count()
@@ -146,6 +149,7 @@ class EngineCore:
         self.num_steps += 1
         self.last_step_idle = sched.empty and not outputs
         self.last_step_seconds = result.step_seconds
+        self.busy_seconds_total += result.step_seconds
         return outputs
 
     def kv_dump(self) -> KvCacheDump:
@@ -164,4 +168,5 @@ class EngineCore:
             prompt_tokens_total=s.prompt_tokens_total,
             cached_tokens_total=s.cached_tokens_total,
             num_steps=self.num_steps,
+            busy_seconds_total=self.busy_seconds_total,
         )

@@ -71,3 +71,11 @@ class WorkerStats(msgspec.Struct, frozen=True, tag="stats", array_like=True):
     prompt_tokens_total: int = 0
     cached_tokens_total: int = 0
     num_steps: int = 0
+    busy_seconds_total: float = 0.0
+    """Engine time spent in steps (forward pass and sampling)."""
+    kv_loads: int = 0
+    """KV loads from peers started (disaggregated decode); failures are counted apart."""
+    kv_load_failures: int = 0
+    kv_load_seconds_total: float = 0.0
+    """Wall time of finished KV loads: connect, copy (or receive) every block, tell the peer."""
+    kv_load_bytes_total: int = 0

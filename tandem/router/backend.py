@@ -9,6 +9,7 @@ death surfaces as WorkerLostError (resuming on another worker is the fault-toler
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 
@@ -22,6 +23,7 @@ from tandem.protocol.registry import WorkerInfo
 from tandem.protocol.rpc import GenerateCall, merge_outputs
 from tandem.router.basic import Policy, make_policy
 from tandem.router.disagg import DisaggPolicy
+from tandem.router.disagg_metrics import DisaggMetrics
 from tandem.router.interface import ModelCard
 from tandem.router.policy import WorkerLoad
 from tandem.transfer.release import release_hold
@@ -52,6 +54,7 @@ class RouterBackend:
         self._on_finish: Callable[[str], None] | None = getattr(self.policy, "on_finish", None)
         self.max_attempts = max_attempts
         self.disagg = disagg or DisaggPolicy()
+        self.disagg_metrics = DisaggMetrics()
         self.in_flight: Counter[str] = Counter()
         self._cards: dict[str, ModelCard] = {}
 
@@ -89,12 +92,14 @@ class RouterBackend:
             kv_transfer_params={"do_remote_decode": True},
         )
         first: EngineOutput | None = None
+        sent = time.perf_counter()
         try:
             async for out in self._stream(prefill_req, lambda: self._role_candidates(req.model, "prefill")):
                 first = out if first is None else merge_outputs(first, out)
         except (OverloadedError, WorkerLostError) as e:
             if self.disagg.enforce:
                 raise
+            self.disagg_metrics.fallbacks.inc()
             # Every prefill worker failed or refused: the decode worker prefills the prompt itself.
             log.warning(
                 "request %s: remote prefill failed (%s); prefilling on a decode worker", req.request_id, e
@@ -103,6 +108,7 @@ class RouterBackend:
                 yield out
             return
         assert first is not None and first.finish_reason is not None, "a stream ends with a finish reason"
+        self.disagg_metrics.prefill.observe(time.perf_counter() - sent)
         params = first.kv_transfer_params
         if first.finish_reason != "length" or params is None:
             # The first token ended the request (EOS / stop id) or the prompt could not be held.
@@ -122,7 +128,11 @@ class RouterBackend:
                 num_prompt_tokens=first.num_prompt_tokens,
                 num_cached_tokens=cached,
             )
+            sent = time.perf_counter()
             async for out in self._stream(decode_req, lambda: self._decode_candidates(req.model)):
+                if sent:
+                    self.disagg_metrics.handoff.observe(time.perf_counter() - sent)
+                    sent = 0.0
                 out.num_cached_tokens = cached  # the client's cache hit is the prefill side's
                 finished = out.finish_reason is not None
                 yield out

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -71,6 +72,10 @@ class DisaggConnector(KVConnectorScheduler, KVConnectorWorker):
         self._handles: dict[str, str] = {}
         self.num_loads = 0
         self.num_load_failures = 0
+        self.load_seconds_total = 0.0
+        """Wall time of finished loads, submit to done (connect, copy or receive, release)."""
+        self.load_bytes_total = 0
+        """KV bytes that finished loads wrote into this engine's cache."""
 
     # Executor side: where the KV lives.
 
@@ -191,7 +196,12 @@ class DisaggConnector(KVConnectorScheduler, KVConnectorWorker):
             )
             if load.dst_block_ids:
                 self.num_loads += 1
-                fut.add_done_callback(functools.partial(self._on_loaded, load.request_id))
+                # The simulated engine has no tensors: its loads are hand-offs of zero bytes.
+                block_bytes = self.layout.layer_block_bytes * self.layout.num_layers
+                nbytes = len(load.dst_block_ids) * block_bytes if self.agent.reader.kv is not None else 0
+                fut.add_done_callback(
+                    functools.partial(self._on_loaded, load.request_id, time.perf_counter(), nbytes)
+                )
 
     def save_kv(self, meta: Any) -> None:
         """Nothing to push: peers pull held blocks when they are ready for them."""
@@ -208,10 +218,12 @@ class DisaggConnector(KVConnectorScheduler, KVConnectorWorker):
             with self._lock:
                 self._released.add(rid)
 
-    def _on_loaded(self, request_id: str, fut: Future) -> None:
+    def _on_loaded(self, request_id: str, started: float, nbytes: int, fut: Future) -> None:
         err = fut.exception()
         with self._lock:
             if err is None:
+                self.load_seconds_total += time.perf_counter() - started
+                self.load_bytes_total += nbytes
                 self._loaded.add(request_id)
             else:
                 self.num_load_failures += 1

@@ -176,6 +176,7 @@ class Worker:
     def stats(self) -> WorkerStats:
         assert self.engine is not None, "start() the worker first"
         s = self.engine.stats
+        c = self.connector
         return WorkerStats(
             worker_id=self.worker_id,
             status="draining" if self.draining else "ready",
@@ -186,6 +187,11 @@ class Worker:
             prompt_tokens_total=s.prompt_tokens_total,
             cached_tokens_total=s.cached_tokens_total,
             num_steps=s.num_steps,
+            busy_seconds_total=s.busy_seconds_total,
+            kv_loads=c.num_loads if c else 0,
+            kv_load_failures=c.num_load_failures if c else 0,
+            kv_load_seconds_total=c.load_seconds_total if c else 0.0,
+            kv_load_bytes_total=c.load_bytes_total if c else 0,
         )
 
     async def drain(self, timeout: float | None = None) -> bool:

@@ -103,6 +103,9 @@ def test_disaggregated_greedy_equals_aggregated(model_dir, use_shm):
         }
         assert got == expected
         assert dconn.num_loads == len(ps) and dconn.num_load_failures == 0
+        block_bytes = dconn.layout.layer_block_bytes * dconn.layout.num_layers
+        assert dconn.load_seconds_total > 0
+        assert dconn.load_bytes_total > 0 and dconn.load_bytes_total % block_bytes == 0
         # The decode side's prefix cache also serves prompts sharing the 40-token prefix: fewer blocks read.
         assert prefill.kv.num_used_blocks == 0 and decode.kv.num_used_blocks == 0
         assert pconn.agent.server.num_held == 0
