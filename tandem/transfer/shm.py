@@ -34,6 +34,9 @@ class SharedKvCache:
             numel *= d
         # from_file(shared=True) creates the file at the right size; fresh pages read as zeros.
         self.tensor = torch.from_file(str(created), shared=True, size=numel, dtype=dtype).view(shape)
+        # Touch every page now: otherwise each fresh block faults on first write (here) and on
+        # first read (in a peer), which costs a transfer ~10x its copy time.
+        self.tensor.zero_()
         self._fd = os.open(created, os.O_RDWR)
         created.unlink()
         self.path = Path(f"/proc/{os.getpid()}/fd/{self._fd}")
