@@ -8,14 +8,20 @@ K/V, gathered through its block table:
 
     per-layer cache  [num_blocks, 2, block_size, kv_heads, head_dim]   (index 1: 0 = K, 1 = V)
 
+Viewed as rows of Hkv * D values, a layer's cache is [num_blocks * 2 * block_size, Hkv * D], and
+the K row of a slot is `block * 2 * block_size + offset` (its V row `block_size` further on): the
+new tokens' K/V are written with two row copies, not an element-wise scatter.
+
 Requests are ordered decodes first (one query token each, batched into one padded matmul pair),
 then chunks of prompts (one SDPA call each, with a causal mask shifted by the tokens already
-cached). Masks, block tables and slot indices are built once per step and shared by every layer.
-Only tensor indexing and `scaled_dot_product_attention` are used, so the same code runs on CUDA.
+cached). Masks, block tables and slot rows are built once per step and shared by every layer.
+Only tensor indexing, matmuls and `scaled_dot_product_attention` are used, so the same code runs
+on CUDA.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -43,17 +49,17 @@ class PrefillSeq:
 
 @dataclass
 class AttentionMetadata:
-    slot_blocks: torch.Tensor
-    """[T] block id of each token's KV slot."""
-    slot_offsets: torch.Tensor
-    """[T] offset inside that block."""
+    k_rows: torch.Tensor
+    """[T] row of each token's K slot in the layer cache viewed as [num_blocks * 2 * bs, Hkv * D]."""
+    v_rows: torch.Tensor
+    """[T] the same for V: `k_rows + block_size`."""
     num_decodes: int = 0
     """Rows [0, num_decodes) of the batch are single-token requests."""
-    decode_block_table: torch.Tensor | None = None
-    """[num_decodes, max_blocks] block ids, padded with block 0 (masked out)."""
+    decode_blocks: torch.Tensor | None = None
+    """[num_decodes * max_blocks] each decode's block table, padded with block 0 (masked out)."""
     decode_bias: torch.Tensor | None = None
-    """[num_decodes, 1, 1, max_blocks * block_size] fp32: 0 for keys < the request's length, else
-    -inf (added to the scores, so padding slots get no weight)."""
+    """[num_decodes, 1, max_blocks * block_size] in the model dtype: 0 for keys < the request's
+    length, else -inf (added to the scores, so padding slots get no weight)."""
     prefills: list[PrefillSeq] = field(default_factory=list)
 
 
@@ -72,15 +78,21 @@ class StepBatch:
     """The S requests that sample, in `sample_rows` order."""
 
 
-def build_step(scheduled: Sequence[ScheduledRequest], block_size: int, device: torch.device) -> StepBatch:
-    """Flatten a step's scheduled requests into model inputs (host lists, then one copy each)."""
+def build_step(
+    scheduled: Sequence[ScheduledRequest],
+    block_size: int,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+) -> StepBatch:
+    """Flatten a step's scheduled requests into model inputs (host lists, then one copy each).
+    `dtype` is the model's: the decode bias is added to scores of that type."""
     items = [s for s in scheduled if s.num_new_tokens > 0]
     # Stable sort: single-token requests first so they form one contiguous decode batch.
     items.sort(key=lambda s: s.num_new_tokens != 1)
+    rows_per_block = 2 * block_size  # K rows then V rows of one block in the [rows, Hkv * D] view
     ids: list[int] = []
     pos: list[int] = []
-    blocks: list[int] = []
-    offsets: list[int] = []
+    k_rows: list[int] = []
     sample_rows: list[int] = []
     sample_items: list[ScheduledRequest] = []
     decode_tables: list[list[int]] = []
@@ -92,32 +104,37 @@ def build_step(scheduled: Sequence[ScheduledRequest], block_size: int, device: t
         nb = -(-end // block_size)
         assert len(table) >= nb, f"{s.request.request_id}: {len(table)} blocks for {end} tokens"
         row = len(ids)
-        ids.extend(s.request.all_token_ids[start:end])
-        pos.extend(range(start, end))
-        blocks.extend(table[p // block_size] for p in range(start, end))
-        offsets.extend(p % block_size for p in range(start, end))
         if s.samples:
             sample_rows.append(row + n - 1)
             sample_items.append(s)
-        if n == 1:
+        if n == 1:  # the common case, kept free of per-token loops
+            ids.append(s.request.all_token_ids[start])
+            pos.append(start)
+            k_rows.append(table[start // block_size] * rows_per_block + start % block_size)
             decode_tables.append(table[:nb])
             decode_lens.append(end)
-        else:
-            prefill_specs.append((row, n, end, table[:nb] if start > 0 else None))
+            continue
+        ids.extend(s.request.all_token_ids[start:end])
+        pos.extend(range(start, end))
+        k_rows.extend(table[p // block_size] * rows_per_block + p % block_size for p in range(start, end))
+        prefill_specs.append((row, n, end, table[:nb] if start > 0 else None))
 
-    def long(x: list[int] | list[list[int]]) -> torch.Tensor:
+    def long(x: list[int]) -> torch.Tensor:
         return torch.tensor(x, dtype=torch.long).to(device, non_blocking=True)
 
-    attn = AttentionMetadata(slot_blocks=long(blocks), slot_offsets=long(offsets))
+    k_rows_t = long(k_rows)
+    attn = AttentionMetadata(k_rows=k_rows_t, v_rows=k_rows_t + block_size)
     if decode_tables:
         width = max(len(t) for t in decode_tables)
+        flat: list[int] = []
+        for t in decode_tables:
+            flat.extend(t)
+            flat.extend([0] * (width - len(t)))
         attn.num_decodes = len(decode_tables)
-        attn.decode_block_table = long([t + [0] * (width - len(t)) for t in decode_tables])
+        attn.decode_blocks = long(flat)
         keys = torch.arange(width * block_size, device=device)
-        valid = keys[None, :] < long(decode_lens)[:, None]
-        attn.decode_bias = torch.zeros(valid.shape, device=device).masked_fill(~valid, float("-inf"))[
-            :, None, None, :
-        ]
+        pad = keys[None, None, :] >= long(decode_lens)[:, None, None]  # [nd, 1, S]
+        attn.decode_bias = torch.zeros(pad.shape, dtype=dtype, device=device).masked_fill_(pad, float("-inf"))
     for row, n, ctx, prefix_table in prefill_specs:
         mask = None
         if prefix_table is not None:
@@ -131,28 +148,32 @@ def build_step(scheduled: Sequence[ScheduledRequest], block_size: int, device: t
 def paged_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
 ) -> torch.Tensor:
-    """Store k/v in the cache, then attend. q: [T, Hq, D]; k, v: [T, Hkv, D];
-    kv_cache: [num_blocks, 2, block_size, Hkv, D]. Returns [T, Hq, D]."""
-    # Indices (blocks, :, offsets) select [T, 2, Hkv, D]: both K and V of each token in one write.
-    kv_cache[meta.slot_blocks, :, meta.slot_offsets] = torch.stack((k, v), dim=1)
+    """Store k/v in the cache, then attend. q: [T, Hq, D]; k, v: [T, Hkv, D] (each [Hkv, D] row
+    contiguous); kv_cache: [num_blocks, 2, block_size, Hkv, D], contiguous. Returns [T, Hq, D]."""
     num_kv_heads, head_dim = kv_cache.shape[-2:]
-    out = torch.empty_like(q)
+    hd = num_kv_heads * head_dim
+    rows = kv_cache.view(-1, hd)  # [num_blocks * 2 * bs, Hkv * D]
+    rows.index_copy_(0, meta.k_rows, k.reshape(-1, hd))
+    rows.index_copy_(0, meta.v_rows, v.reshape(-1, hd))
     nd = meta.num_decodes
     if nd:
-        assert meta.decode_block_table is not None
-        # Gathering K and V apart yields contiguous [nd, max_blocks, bs, Hkv, D] tensors: one copy each.
-        keys = kv_cache[:, 0][meta.decode_block_table].view(nd, -1, num_kv_heads, head_dim).transpose(1, 2)
-        vals = kv_cache[:, 1][meta.decode_block_table].view(nd, -1, num_kv_heads, head_dim).transpose(1, 2)
-        assert meta.decode_bias is not None
-        out[:nd] = _decode_attention(q[:nd], keys, vals, meta.decode_bias)
+        assert meta.decode_blocks is not None and meta.decode_bias is not None
+        keys = _gather(kv_cache, 0, meta.decode_blocks).view(nd, -1, hd)  # [nd, S, Hkv * D]
+        vals = _gather(kv_cache, 1, meta.decode_blocks).view(nd, -1, hd)
+        dec = _decode_attention(q[:nd], keys, vals, meta.decode_bias)
+        if not meta.prefills:
+            return dec
+    out = torch.empty_like(q)
+    if nd:
+        out[:nd] = dec
     for p in meta.prefills:
-        rows = slice(p.q_start, p.q_start + p.q_len)
-        qs = q[rows].transpose(0, 1).unsqueeze(0)  # [1, Hq, L, D]
+        span = slice(p.q_start, p.q_start + p.q_len)
+        qs = q[span].transpose(0, 1).unsqueeze(0)  # [1, Hq, L, D]
         if p.block_ids is None:
-            ks, vs = k[rows], v[rows]
-        else:
-            ks = kv_cache[:, 0][p.block_ids].view(-1, num_kv_heads, head_dim)[: p.ctx_len]  # [ctx, Hkv, D]
-            vs = kv_cache[:, 1][p.block_ids].view(-1, num_kv_heads, head_dim)[: p.ctx_len]
+            ks, vs = k[span], v[span]
+        else:  # [ctx, Hkv, D]
+            ks = _gather(kv_cache, 0, p.block_ids).view(-1, num_kv_heads, head_dim)[: p.ctx_len]
+            vs = _gather(kv_cache, 1, p.block_ids).view(-1, num_kv_heads, head_dim)[: p.ctx_len]
         o = F.scaled_dot_product_attention(
             qs,
             ks.transpose(0, 1).unsqueeze(0),
@@ -161,22 +182,42 @@ def paged_attention(
             is_causal=p.mask is None,
             enable_gqa=True,
         )  # [1, Hq, L, D]
-        out[rows] = o[0].transpose(0, 1)
+        out[span] = o[0].transpose(0, 1)
     return out
+
+
+def _gather(kv_cache: torch.Tensor, kv: int, blocks: torch.Tensor) -> torch.Tensor:
+    """K (kv=0) or V (kv=1) of `blocks` [n]: a contiguous [n, block_size, Hkv, D]. index_select
+    copies whole block rows; advanced indexing on the strided K/V view goes element by element
+    (~7x slower)."""
+    return torch.index_select(kv_cache[:, kv], 0, blocks)
+
+
+@functools.cache
+def _head_mask(num_kv_heads: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[1, Hkv, 1, Hkv, 1]: 1 where a query head's KV head (dim 1) meets that head's slice (dim 3)."""
+    return torch.eye(num_kv_heads, dtype=dtype, device=device)[None, :, None, :, None]
 
 
 def _decode_attention(
     q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, bias: torch.Tensor
 ) -> torch.Tensor:
-    """One query per request. q: [B, Hq, D]; keys, vals: [B, Hkv, S, D]; bias: [B, 1, 1, S].
+    """One query per request. q: [B, Hq, D]; keys, vals: [B, S, Hkv * D]; bias: [B, 1, S].
+    Returns [B, Hq, D].
 
-    Two batched matmuls instead of SDPA: with a single query row the fused CPU kernels gain nothing
-    and run ~10x slower in bf16. The query heads sharing a KV head form its rows (GQA without
-    repeating K/V); the softmax runs in fp32.
+    GQA without moving K/V: each query head becomes a row of Hkv * D values that is zero outside
+    its KV head's D-slice (block-diagonal), so one bmm against all heads' keys gives each head's
+    scores, with K as gathered (a transposed operand, no copy). probs @ V then yields every head's
+    output under every KV head; each query head keeps its own KV head's slice (a diagonal view).
+    The products grow Hkv-fold, which is nothing next to the copies of K and V into
+    [B, Hkv, S, D] that per-head batching needs. Scores are scaled and biased inside the bmm;
+    softmax on reduced precision accumulates in fp32 (same bits as casting up and back).
     """
     b, hq, d = q.shape
-    hkv = keys.shape[1]
-    qg = q.view(b, hkv, hq // hkv, d)  # [B, Hkv, G, D]
-    scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * d**-0.5 + bias  # [B, Hkv, G, S]
-    probs = scores.softmax(dim=-1).to(vals.dtype)
-    return torch.matmul(probs, vals).view(b, hq, d)
+    hkv = keys.shape[-1] // d
+    g = hq // hkv
+    qbd = (q.view(b, hkv, g, 1, d) * _head_mask(hkv, q.dtype, q.device)).view(b, hq, hkv * d)
+    scores = torch.baddbmm(bias, qbd, keys.transpose(1, 2), alpha=d**-0.5)  # [B, Hq, S]
+    probs = scores.softmax(dim=-1)
+    o = torch.bmm(probs, vals).view(b, hkv, g, hkv, d)  # [B, Hkv, G, Hkv', D]: keep Hkv == Hkv'
+    return o.diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2).reshape(b, hq, d)  # one copy

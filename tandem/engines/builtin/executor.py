@@ -101,7 +101,7 @@ class BuiltinExecutor:
         if out.empty:
             return ExecutorOutput(step_seconds=time.perf_counter() - t0)
         with torch.inference_mode():
-            batch = build_step(out.scheduled, self.block_size, self.device)
+            batch = build_step(out.scheduled, self.block_size, self.device, self.dtype)
             logits = self.model.forward(
                 batch.input_ids, batch.positions, batch.attn, self.kv_caches, batch.sample_rows
             )
