@@ -217,7 +217,7 @@ def _decode_attention(
     hkv = keys.shape[-1] // d
     g = hq // hkv
     qbd = (q.view(b, hkv, g, 1, d) * _head_mask(hkv, q.dtype, q.device)).view(b, hq, hkv * d)
-    scores = torch.baddbmm(bias, qbd, keys.transpose(1, 2), alpha=d**-0.5)  # [B, Hq, S]
+    scores = torch.baddbmm(bias.to(q.dtype), qbd, keys.transpose(1, 2), alpha=d**-0.5)  # [B, Hq, S]
     probs = scores.softmax(dim=-1)
     o = torch.bmm(probs, vals).view(b, hkv, g, hkv, d)  # [B, Hkv, G, Hkv', D]: keep Hkv == Hkv'
     return o.diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2).reshape(b, hq, d)  # one copy

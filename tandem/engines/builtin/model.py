@@ -78,7 +78,7 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """x: [T, H, D]; cos, signed_sin: [T, 1, D] rows of `rope_tables`."""
-    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
 
 
 class DecoderModel:
@@ -136,27 +136,71 @@ class DecoderModel:
         logits_rows: [S] rows to compute logits for. Returns [S, vocab] logits."""
         cfg = self.cfg
         eps = cfg.rms_norm_eps
+        num_heads, head_dim, qk_size, q_size = cfg.num_heads, cfg.head_dim, self.qk_size, self.q_size
         t = input_ids.shape[0]
         cos = self.cos[positions].unsqueeze(1)  # [T, 1, D], shared by all layers and heads
         sin = self.sin[positions].unsqueeze(1)
         h = F.embedding(input_ids, self.embed)  # [T, hidden]
-        for w, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x = rms_norm(h, w.input_norm, eps)
-            qkv = F.linear(x, w.qkv, w.qkv_bias)  # [T, (Hq + 2 Hkv) D]
-            # Query and key heads are adjacent columns: norm and rotate them as one [T, Hq + Hkv, D].
-            qk = qkv[:, : self.qk_size].view(t, -1, cfg.head_dim)
-            if w.qk_norm is not None:
-                qk = rms_norm(qk, w.qk_norm, eps)
-            qk = apply_rope(qk, cos, sin)
-            q, k = qk[:, : cfg.num_heads], qk[:, cfg.num_heads :]
-            v = qkv[:, self.qk_size :].view(t, cfg.num_kv_heads, cfg.head_dim)
-            o = paged_attention(q, k, v, kv_cache, attn)  # [T, Hq, D]
-            h = h + F.linear(o.reshape(t, self.q_size), w.o, w.o_bias)
-            x = rms_norm(h, w.post_norm, eps)
-            gate, up = F.linear(x, w.gate_up, w.gate_up_bias).chunk(2, dim=-1)
-            h = h + F.linear(F.silu(gate) * up, w.down, w.down_bias)
-        h = rms_norm(h[logits_rows], self.norm, eps)  # only the rows that sample need the head
-        return F.linear(h, self.lm_head)
+        gemv = _Gemv(self.embed.device)
+        try:
+            for w, kv_cache in zip(self.layers, kv_caches, strict=True):
+                gemv.enter(t)
+                x = rms_norm(h, w.input_norm, eps)
+                qkv = F.linear(x, w.qkv, w.qkv_bias)  # [T, (Hq + 2 Hkv) D]
+                # Query and key heads are adjacent columns: norm and rotate them as one [T, Hq + Hkv, D].
+                qk = qkv[:, :qk_size].view(t, -1, head_dim)
+                if w.qk_norm is not None:
+                    qk = rms_norm(qk, w.qk_norm, eps)
+                qk = apply_rope(qk, cos, sin)
+                v = qkv[:, qk_size:].view(t, -1, head_dim)
+                gemv.exit()
+                o = paged_attention(qk[:, :num_heads], qk[:, num_heads:], v, kv_cache, attn)  # [T, Hq, D]
+                gemv.enter(t)
+                h = _linear_add(h, o.reshape(t, q_size), w.o, w.o_bias)
+                x = rms_norm(h, w.post_norm, eps)
+                gate, up = F.linear(x, w.gate_up, w.gate_up_bias).chunk(2, dim=-1)
+                h = _linear_add(h, F.silu(gate) * up, w.down, w.down_bias)
+            h = rms_norm(h[logits_rows], self.norm, eps)  # only the rows that sample need the head
+            gemv.enter(h.shape[0])
+            return F.linear(h, self.lm_head)
+        finally:
+            gemv.exit()
+
+
+def _linear_add(
+    h: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """h + linear(x, weight, bias); without a bias the residual add runs inside the matmul."""
+    if bias is None:
+        return torch.addmm(h, x, weight.t())
+    return h + F.linear(x, weight, bias)
+
+
+class _Gemv:
+    """Routes one-row weight matmuls on CPU away from oneDNN for the forward's duration.
+
+    For a [1, K] x [K, N] bf16 product torch's own gemv streams the weights ~1.6x faster than
+    oneDNN here (the whole of batch-1 decode is such products); from two rows on oneDNN wins by far,
+    and the attention's small bmms must keep it. The switch is global, so `exit` always restores it
+    (the forward calls it in `finally`)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.usable = device.type == "cpu" and torch.backends.mkldnn.is_available() and _mkldnn_enabled()
+        self.off = False
+
+    def enter(self, rows: int) -> None:
+        if self.usable and rows == 1 and not self.off:
+            torch._C._set_mkldnn_enabled(False)
+            self.off = True
+
+    def exit(self) -> None:
+        if self.off:
+            torch._C._set_mkldnn_enabled(True)
+            self.off = False
+
+
+def _mkldnn_enabled() -> bool:
+    return bool(torch._C._get_mkldnn_enabled())
 
 
 def _load_layer(
