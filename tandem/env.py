@@ -19,3 +19,15 @@ def cache_dir() -> Path:
 def models_dir() -> Path:
     """Converted checkpoints, one folder each, under the cache dir."""
     return cache_dir() / "models"
+
+
+def torch_threads() -> int | None:
+    """TANDEM_TORCH_THREADS: intra-op threads of the built-in engine on CPU (unset: the cores this
+    process may run on, or OMP_NUM_THREADS if set). A positive integer."""
+    value = os.environ.get("TANDEM_TORCH_THREADS")
+    if not value:
+        return None
+    n = int(value)
+    if n < 1:
+        raise ValueError(f"TANDEM_TORCH_THREADS must be a positive integer, got {value!r}")
+    return n

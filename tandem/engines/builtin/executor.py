@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from tandem import env
 from tandem.engine.config import EngineConfig
 from tandem.engine.executor import ExecutorOutput, SchedulerOutput
 from tandem.engine.request import Request
@@ -50,14 +51,17 @@ class BuiltinExecutor:
         dtype: str = "bfloat16",
         device: str = "cpu",
         kv_connector_worker: Any = None,
+        num_threads: int | None = None,
     ) -> None:
+        """`num_threads`: torch intra-op threads on CPU; None reads TANDEM_TORCH_THREADS, then
+        OMP_NUM_THREADS, then uses the cores this process may run on (see `_configure_threads`)."""
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         self.config = config
         self.device = torch.device(device)
         self.dtype = DTYPES[dtype]
         self.block_size = config.block_size
-        _configure_threads(self.device)
+        _configure_threads(self.device, num_threads)
         t0 = time.perf_counter()
         with torch.inference_mode():
             self.model = DecoderModel.load(model_dir, self.dtype, self.device, config.max_model_len)
@@ -129,10 +133,19 @@ class BuiltinExecutor:
         self.sampler.drop(done)
 
 
-def _configure_threads(device: torch.device) -> None:
-    """On CPU use the cores this process may run on. torch counts the host's cores, which in a
-    container limited by CPU affinity oversubscribes; an explicit OMP_NUM_THREADS wins."""
-    if device.type != "cpu" or "OMP_NUM_THREADS" in os.environ or not hasattr(os, "sched_getaffinity"):
+def _configure_threads(device: torch.device, num_threads: int | None) -> None:
+    """On CPU use the cores this process may run on: torch counts the host's cores, which in a
+    container limited by CPU affinity oversubscribes (and a worker pinned to one core gets one
+    thread). An explicit count, TANDEM_TORCH_THREADS or OMP_NUM_THREADS wins, in that order: with
+    other processes busy on the same cores, fewer threads avoid OpenMP regions that wait on a
+    descheduled thread."""
+    if device.type != "cpu":
+        return
+    n = num_threads or env.torch_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+        return
+    if "OMP_NUM_THREADS" in os.environ or not hasattr(os, "sched_getaffinity"):
         return
     usable = len(os.sched_getaffinity(0))
     if torch.get_num_threads() > usable:

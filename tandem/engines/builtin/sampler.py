@@ -41,9 +41,13 @@ class Sampler:
         self, logits: torch.Tensor, requests: Sequence[tuple[str, SamplingParams]]
     ) -> list[tuple[int, float | None]]:
         """logits: [S, vocab], row i for requests[i]. Returns (token, logprob or None) per row."""
-        logits = logits.float()
-        tokens = logits.argmax(dim=-1)  # [S]; overwritten below for non-greedy rows
+        # [S]; overwritten below for non-greedy rows. The argmax of bf16 logits is that of their
+        # fp32 values (the cast is exact), so a greedy batch skips the [S, vocab] fp32 copy.
+        tokens = logits.argmax(dim=-1)
         random_rows = [i for i, (_, sp) in enumerate(requests) if not sp.greedy]
+        lp_rows = [i for i, (_, sp) in enumerate(requests) if sp.logprobs]
+        if random_rows or lp_rows:
+            logits = logits.float()
         if random_rows:
             rows = torch.tensor(random_rows, device=logits.device)
             probs = _filtered_probs(logits[rows], [requests[i][1] for i in random_rows])
@@ -52,7 +56,6 @@ class Sampler:
                 tokens[i] = torch.multinomial(probs[j], 1, generator=self._generator(rid, sp.seed))[0]
         token_list: list[int] = tokens.tolist()
         logprobs: list[float | None] = [None] * len(requests)
-        lp_rows = [i for i, (_, sp) in enumerate(requests) if sp.logprobs]
         if lp_rows:
             rows = torch.tensor(lp_rows, device=logits.device)
             lp = torch.log_softmax(logits[rows], dim=-1).gather(1, tokens[rows, None])[:, 0].tolist()

@@ -78,3 +78,28 @@ def test_bfloat16_runs_and_mostly_agrees_with_float32(tiny_llama: Path) -> None:
     fp32, _ = _run(_core(tiny_llama), PROMPTS, sp)
     bf16, _ = _run(_core(tiny_llama, dtype="bfloat16"), PROMPTS, sp)
     assert sum(a[0] == b[0] for a, b in zip(fp32, bf16, strict=True)) >= 3
+
+
+def test_torch_threads_from_argument_then_env(tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    before = torch.get_num_threads()
+    try:
+        BuiltinExecutor(tiny_llama, EngineConfig(num_blocks=4), num_threads=1)
+        assert torch.get_num_threads() == 1
+        monkeypatch.setenv("TANDEM_TORCH_THREADS", "2")
+        BuiltinExecutor(tiny_llama, EngineConfig(num_blocks=4))
+        assert torch.get_num_threads() == 2
+        monkeypatch.setenv("TANDEM_TORCH_THREADS", "0")
+        with pytest.raises(ValueError, match="TANDEM_TORCH_THREADS"):
+            BuiltinExecutor(tiny_llama, EngineConfig(num_blocks=4))
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_single_row_step_restores_onednn_switch(tiny_llama: Path) -> None:
+    # A one-token step turns oneDNN off around its weight matmuls; the global switch must come back.
+    core = _core(tiny_llama, "bfloat16")
+    assert torch.backends.mkldnn.enabled
+    core.add_request([5, 6, 7], SamplingParams(max_tokens=3, temperature=0.0))
+    while core.has_unfinished():
+        core.step()
+        assert torch.backends.mkldnn.enabled
