@@ -41,13 +41,11 @@ class Sampler:
         self, logits: torch.Tensor, requests: Sequence[tuple[str, SamplingParams]]
     ) -> list[tuple[int, float | None]]:
         """logits: [S, vocab], row i for requests[i]. Returns (token, logprob or None) per row."""
-        # [S]; overwritten below for non-greedy rows. The argmax of bf16 logits is that of their
-        # fp32 values (the cast is exact), so a greedy batch skips the [S, vocab] fp32 copy.
-        tokens = logits.argmax(dim=-1)
+        # Cast first: on CPU, argmax over bf16 runs ~5x slower than the cast plus an fp32 argmax.
+        logits = logits.float()
+        tokens = logits.argmax(dim=-1)  # [S]; overwritten below for non-greedy rows
         random_rows = [i for i, (_, sp) in enumerate(requests) if not sp.greedy]
         lp_rows = [i for i, (_, sp) in enumerate(requests) if sp.logprobs]
-        if random_rows or lp_rows:
-            logits = logits.float()
         if random_rows:
             rows = torch.tensor(random_rows, device=logits.device)
             probs = _filtered_probs(logits[rows], [requests[i][1] for i in random_rows])
