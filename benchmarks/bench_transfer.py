@@ -61,16 +61,25 @@ def memcpy_gbps(nbytes: int, repeats: int) -> float:
 
 
 async def read_gbps(
-    address: str, shm_path: str, blocks: int, first_hold: int, repeats: int, via: str
+    address: str, shm_path: str, blocks: int, first_hold: int, repeats: int, via: str, one_sided: bool = False
 ) -> list[float]:
+    """Seconds per read. one_sided: the reader gets the source block ids up front (as a decode
+    worker does from the transfer parameters) and copies before any message is exchanged."""
     dst = torch.zeros(shape(blocks + 8), dtype=torch.bfloat16)
     reader = BlockReader(dst, layout_of(dst), prefer_shm=via == "shm")
     out = []
     for i in range(repeats):
+        h = first_hold + i
+        src_ids = list(range(h % 4, h % 4 + blocks)) if one_sided else None
+        src_shape = list(shape(blocks + 8)) if one_sided else None
         t = time.perf_counter()
-        path = await reader.read(address, f"h{first_hold + i}", list(range(blocks)), shm_path=shm_path)
+        dst_ids = list(range(blocks))
+        path = await reader.read(
+            address, f"h{h}", dst_ids, shm_path=shm_path, src_block_ids=src_ids, shm_shape=src_shape
+        )
         out.append(time.perf_counter() - t)
         assert path == via, f"expected {via}, took {path}"
+    reader.close()
     return out
 
 
@@ -83,14 +92,15 @@ def main() -> None:
     block_bytes = LAYERS * 2 * BLOCK * HEADS * HEAD_DIM * 2
     print(f"KV block: {block_bytes / 1024:.0f} KiB (SmolLM2-135M, bf16, {BLOCK} tokens)")
     print(
-        "| prompt tokens | MiB | memcpy GB/s | shm GB/s (x memcpy) | TCP GB/s (x memcpy) | shm ms | TCP ms |"
+        "| prompt tokens | MiB | memcpy GB/s | shm one-sided GB/s (x memcpy) | shm request/reply GB/s "
+        "(x memcpy) | TCP GB/s (x memcpy) | one-sided ms | request/reply ms | TCP ms |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     ctx = mp.get_context("spawn")
     for tokens in args.tokens:
         blocks = -(-tokens // BLOCK)
         nbytes = blocks * block_bytes
-        holds = 2 * (args.repeats + 1)
+        holds = 3 * (args.repeats + 1)
         parent, child = ctx.Pipe()
         proc = ctx.Process(target=serve, args=(blocks + 8, holds, blocks, child))
         proc.start()
@@ -100,16 +110,19 @@ def main() -> None:
             shm = asyncio.run(read_gbps(address, shm_path, blocks, 1, args.repeats, "shm"))
             asyncio.run(read_gbps(address, "", blocks, args.repeats + 1, 1, "tcp"))
             tcp = asyncio.run(read_gbps(address, "", blocks, args.repeats + 2, args.repeats, "tcp"))
+            first = 2 * args.repeats + 2
+            one = asyncio.run(read_gbps(address, shm_path, blocks, first, args.repeats, "shm", True))
         finally:
             parent.send("stop")
             proc.join(10)
         del warm
         mc = memcpy_gbps(nbytes, args.repeats)
-        s, t = statistics.median(shm), statistics.median(tcp)
-        shm_gbps, tcp_gbps = nbytes / s / 1e9, nbytes / t / 1e9
+        s, t, o = statistics.median(shm), statistics.median(tcp), statistics.median(one)
+        shm_gbps, tcp_gbps, one_gbps = nbytes / s / 1e9, nbytes / t / 1e9, nbytes / o / 1e9
         print(
-            f"| {tokens} | {nbytes / 2**20:.1f} | {mc:.1f} | {shm_gbps:.2f} ({shm_gbps / mc:.2f}x) "
-            f"| {tcp_gbps:.2f} ({tcp_gbps / mc:.2f}x) | {s * 1e3:.1f} | {t * 1e3:.1f} |"
+            f"| {tokens} | {nbytes / 2**20:.1f} | {mc:.1f} | {one_gbps:.2f} ({one_gbps / mc:.2f}x) "
+            f"| {shm_gbps:.2f} ({shm_gbps / mc:.2f}x) | {tcp_gbps:.2f} ({tcp_gbps / mc:.2f}x) "
+            f"| {o * 1e3:.2f} | {s * 1e3:.2f} | {t * 1e3:.1f} |"
         )
 
 

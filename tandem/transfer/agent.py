@@ -53,6 +53,7 @@ class TransferAgent:
         self._loop.call_soon_threadsafe(fn, *args)
 
     def close(self) -> None:
+        self.call(self.reader.close)
         try:
             self.submit(self.server.stop()).result(timeout=5)
         except Exception:  # the loop may already be gone at interpreter exit

@@ -42,6 +42,8 @@ class _Load:
     first_block: int
     dst_block_ids: list[int]
     shm_path: str
+    src_block_ids: list[int] | None = None
+    shm_shape: list[int] | None = None
 
 
 class DisaggConnector(KVConnectorScheduler, KVConnectorWorker):
@@ -151,6 +153,8 @@ class DisaggConnector(KVConnectorScheduler, KVConnectorWorker):
                 first,
                 list(block_ids[first:last]),
                 p.get("shm_path", ""),
+                p.get("remote_block_ids"),
+                p.get("shm_shape"),
             )
         )
 
@@ -169,7 +173,8 @@ class DisaggConnector(KVConnectorScheduler, KVConnectorWorker):
         n_blocks = -(-n_tokens // self.layout.block_size)
         handle = f"{self.worker_id}/{request.request_id}"
         self._handles[handle] = request.request_id
-        self.agent.call(self.agent.server.hold, handle, list(block_ids[:n_blocks]))
+        held = list(block_ids[:n_blocks])
+        self.agent.call(self.agent.server.hold, handle, held)
         return True, {
             "remote_address": self.agent.address,
             "remote_handle": handle,
@@ -177,6 +182,9 @@ class DisaggConnector(KVConnectorScheduler, KVConnectorWorker):
             "block_size": self.layout.block_size,
             "shm_path": str(self._shm.path) if self._shm else "",
             "remote_worker": self.worker_id,
+            # With these a same-host peer reads the blocks one-sidedly (no request/reply first).
+            "remote_block_ids": held,
+            "shm_shape": list(self._shm.shape) if self._shm else None,
         }
 
     # Worker side.
@@ -191,6 +199,8 @@ class DisaggConnector(KVConnectorScheduler, KVConnectorWorker):
                     load.dst_block_ids,
                     first_block=load.first_block,
                     shm_path=load.shm_path,
+                    src_block_ids=load.src_block_ids,
+                    shm_shape=load.shm_shape,
                     timeout_s=self.load_timeout_s,
                 )
             )

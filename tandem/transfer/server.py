@@ -49,6 +49,7 @@ class BlockServer:
         self.shm_path = shm_path
         self.hold_timeout_s = hold_timeout_s
         self._holds: dict[str, _Hold] = {}
+        self._conns: set[asyncio.StreamWriter] = set()
         self._server: asyncio.Server | None = None
         self._reaper: asyncio.Task | None = None
         self.address = ""
@@ -65,6 +66,8 @@ class BlockServer:
     async def stop(self) -> None:
         if self._reaper:
             self._reaper.cancel()
+        for writer in list(self._conns):
+            writer.close()  # peers' pooled connections end too: they must not reach a stopped server
         if self._server:
             self._server.close()
             await self._server.wait_closed()
@@ -93,48 +96,61 @@ class BlockServer:
                 self.release(handle)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One peer connection, reused for many transfers (a connection costs as much as copying a
+        short prompt's blocks through shared memory)."""
         handle = ""
+        self._conns.add(writer)
         try:
-            msg = await read_message(reader)
-            if isinstance(msg, Release):
-                self.release(msg.handle)
-                return
-            if not isinstance(msg, ReadBlocks):
-                raise ConnectionError(f"expected ReadBlocks, got {type(msg).__name__}")
-            handle = msg.handle
-            hold = self._holds.get(handle)
-            try:
-                if hold is None:
-                    raise TransferFailedError(f"no KV held under {handle!r} (expired or already read)")
-                check_compatible(local=msg.layout, remote=self.layout)  # worded for the reader
-            except TransferFailedError as e:
-                writer.write(pack(ReadReply(ok=False, error=str(e))))
-                await writer.drain()
-                return
-            ids = hold.block_ids[msg.first_block :]
-            if msg.via == "shm" and self.shm_path and self.kv is not None:
-                writer.write(
-                    pack(
-                        ReadReply(
-                            ok=True,
-                            num_blocks=len(ids),
-                            shm_path=self.shm_path,
-                            shape=list(self.kv.shape),
-                            src_block_ids=ids,
-                        )
-                    )
-                )
-                await writer.drain()
-            else:
-                writer.write(pack(ReadReply(ok=True, num_blocks=len(ids))))
-                await self._send_blocks(writer, ids)
-            done = await read_message(reader)
-            if isinstance(done, Done) and done.handle == handle:
-                self.release(handle)
+            while True:
+                try:
+                    msg = await read_message(reader)
+                except asyncio.IncompleteReadError:
+                    return  # the peer closed between transfers
+                if isinstance(msg, Release | Done):
+                    # Release: given up unread. Done outside a ReadBlocks exchange: the peer read
+                    # the blocks one-sidedly from shared memory.
+                    self.release(msg.handle)
+                    continue
+                if not isinstance(msg, ReadBlocks):
+                    raise ConnectionError(f"expected ReadBlocks, got {type(msg).__name__}")
+                handle = msg.handle
+                await self._serve_read(msg, reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError) as e:
             log.warning("KV read of %s failed: %s (blocks stay held until read or expiry)", handle, e)
         finally:
+            self._conns.discard(writer)
             writer.close()
+
+    async def _serve_read(
+        self, msg: ReadBlocks, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        hold = self._holds.get(msg.handle)
+        try:
+            if hold is None:
+                raise TransferFailedError(f"no KV held under {msg.handle!r} (expired or already read)")
+            check_compatible(local=msg.layout, remote=self.layout)  # worded for the reader
+        except TransferFailedError as e:
+            writer.write(pack(ReadReply(ok=False, error=str(e))))
+            await writer.drain()
+            return
+        ids = hold.block_ids[msg.first_block :]
+        if msg.via == "shm" and self.shm_path and self.kv is not None:
+            reply = ReadReply(
+                ok=True,
+                num_blocks=len(ids),
+                shm_path=self.shm_path,
+                shape=list(self.kv.shape),
+                src_block_ids=ids,
+            )
+            writer.write(pack(reply))
+            await writer.drain()
+        else:
+            writer.write(pack(ReadReply(ok=True, num_blocks=len(ids))))
+            await self._send_blocks(writer, ids)
+        done = await read_message(reader)
+        if not isinstance(done, Done) or done.handle != msg.handle:
+            raise ConnectionError(f"expected Done for {msg.handle!r}, got {done!r}")
+        self.release(msg.handle)
 
     async def _send_blocks(self, writer: asyncio.StreamWriter, ids: list[int]) -> None:
         if not ids or self.kv is None:

@@ -9,6 +9,10 @@ One connection per transfer:
       via "shm": copies from the mapped file itself
       Done(handle)                         ->  the server releases the held blocks
 
+    or, a same-host reader that got the source block ids in the transfer parameters copies from
+    the shared-memory cache first and only then sends
+      Done(handle)                         ->  the server releases the held blocks
+
     or, from whoever gave up on the transfer (the router, when a client leaves early):
       Release(handle)                      ->  the server releases the held blocks unread
 

@@ -130,3 +130,63 @@ async def test_release_frees_a_hold_unread():
     finally:
         await server.stop()
     assert not await release_hold("127.0.0.1:1", "h"), "an unreachable server is reported, not raised"
+
+
+async def test_connections_are_reused_and_a_stale_one_is_replaced():
+    src = filled()
+    server = BlockServer(src, layout_of(src), lambda h: None)
+    addr = await server.start()
+    dst = torch.zeros(SHAPE, dtype=torch.bfloat16)
+    reader = BlockReader(dst, layout_of(dst))
+    try:
+        server.hold("a", [1])
+        server.hold("b", [2])
+        await reader.read(addr, "a", [5])
+        (conn,) = reader._idle[addr]
+        await reader.read(addr, "b", [6])
+        assert reader._idle[addr] == [conn], "the second transfer reused the first one's connection"
+        assert torch.equal(dst[:, [5, 6]], src[:, [1, 2]])
+        # The peer restarts on the same port: the pooled connection is dead, the read still works.
+        await server.stop()
+        port = int(addr.rsplit(":", 1)[1])
+        server = BlockServer(src, layout_of(src), lambda h: None)
+        await server.start(port=port)
+        server.hold("c", [3])
+        await reader.read(addr, "c", [7])
+        assert torch.equal(dst[:, 7], src[:, 3])
+    finally:
+        reader.close()
+        await server.stop()
+
+
+async def test_one_sided_shared_memory_read_then_done():
+    """Given the source block ids up front, the reader copies first and then releases the hold."""
+    shared = SharedKvCache(SHAPE, torch.bfloat16)
+    shared.tensor.copy_(filled())
+    released: list[str] = []
+    server = BlockServer(shared.tensor, layout_of(shared.tensor), released.append, shm_path=str(shared.path))
+    addr = await server.start()
+    dst = torch.zeros(SHAPE, dtype=torch.bfloat16)
+    reader = BlockReader(dst, layout_of(dst))
+    try:
+        server.hold("h", [4, 5, 9])
+        path = await reader.read(
+            addr,
+            "h",
+            [1, 2],
+            first_block=1,
+            shm_path=str(shared.path),
+            src_block_ids=[4, 5, 9],
+            shm_shape=list(SHAPE),
+        )
+        assert path == "shm"
+        assert torch.equal(dst[:, [1, 2]], shared.tensor[:, [5, 9]])
+        assert await eventually(lambda: released == ["h"])
+        with pytest.raises(TransferFailedError, match="shape"):
+            await reader.read(
+                addr, "h2", [0], shm_path=str(shared.path), src_block_ids=[1], shm_shape=[3, 16, 2, 8, 2, 8]
+            )
+    finally:
+        reader.close()
+        await server.stop()
+        shared.close()
