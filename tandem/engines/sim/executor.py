@@ -49,6 +49,8 @@ class SimExecutor:
         self.timing = timing or PolynomialTiming()
         self.clock = clock or RealClock()
         self._real_clock = isinstance(self.clock, RealClock)
+        self._device_end: float | None = None
+        self._last_seconds = 0.0
         self.speedup = speedup
 
     def execute(self, out: SchedulerOutput) -> ExecutorOutput:
@@ -85,7 +87,16 @@ class SimExecutor:
         )
         seconds = self.timing.step_ms(shape) / 1000.0 / self.speedup
         if self._real_clock:
-            self.clock.wait(seconds - (time.perf_counter() - started))
+            # The simulated device runs a step while the host prepares the next (async scheduling,
+            # as in vLLM v1 and SGLang's overlap scheduler): a step launched within one step's time
+            # of the previous one's end starts at that end, so host work between steps (update,
+            # delivery, scheduling) hides under device time; after an idle gap it starts now.
+            begin = started
+            if self._device_end is not None and started - self._device_end < self._last_seconds:
+                begin = self._device_end
+            end = begin + seconds
+            self.clock.wait(end - time.perf_counter())
+            self._device_end, self._last_seconds = end, seconds
         else:
             self.clock.wait(seconds)
         return ExecutorOutput(sampled=sampled, step_seconds=seconds)
