@@ -4,32 +4,18 @@ closed loop with token-id prompts, open loop, chat text prompts, and a small Moo
 from __future__ import annotations
 
 import json
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 
 from tandem.cli.main import main
 from tandem.engine.config import EngineConfig
 from tandem.frontend.app import create_app
 from tandem.frontend.local import LocalBackend
 from tandem.models.tiny import write_tiny_model
-
-
-class _Server:
-    def __init__(self, app: Any) -> None:
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            assert time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.01)
-        self.url = f"http://127.0.0.1:{self.server.servers[0].sockets[0].getsockname()[1]}"
+from tests.integration.servers import ThreadedServer
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +28,7 @@ def url(tiny_dir: Path) -> Iterator[str]:
     # speed-up 50: ~0.1 ms decode steps, so ITL is measurable and a run takes well under a second.
     config = EngineConfig(block_size=16, max_model_len=1024)
     backend = LocalBackend.build(tiny_dir, engine="sim", name="tiny", speedup=50, config=config)
-    server = _Server(create_app(backend))
+    server = ThreadedServer(create_app(backend))
     yield server.url
     server.server.should_exit = True
     server.thread.join(timeout=10)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -15,7 +14,6 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from tandem.engine.config import EngineConfig
 from tandem.engine.core import EngineCore
@@ -26,28 +24,10 @@ from tandem.models.tiny import write_tiny_model
 from tandem.protocol.errors import WorkerLostError
 from tandem.protocol.messages import EngineOutput, GenerateRequest
 from tandem.router.interface import ModelCard
+from tests.integration.servers import ThreadedServer
 
 MODEL = "tiny"
 CHAT = [{"role": "user", "content": "What is the capital of France? Tell me about Paris."}]
-
-
-class Server:
-    """uvicorn in a background thread on a free port."""
-
-    def __init__(self, app: Any) -> None:
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            assert time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.01)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -56,18 +36,18 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def sim_server(tiny_dir: Path) -> Iterator[Server]:
+def sim_server(tiny_dir: Path) -> Iterator[ThreadedServer]:
     backend = LocalBackend.build(
         tiny_dir, engine="sim", name=MODEL, speedup=1000, config=EngineConfig(max_model_len=256)
     )
-    server = Server(create_app(backend))
+    server = ThreadedServer(create_app(backend))
     yield server
     server.stop()
     backend.close()
 
 
 @pytest.fixture
-def client(sim_server: Server) -> openai.OpenAI:
+def client(sim_server: ThreadedServer) -> openai.OpenAI:
     return openai.OpenAI(base_url=sim_server.url + "/v1", api_key="none", max_retries=0)
 
 
@@ -155,7 +135,7 @@ def test_logprobs(client: openai.OpenAI) -> None:
     assert len(comp.choices[0].logprobs.tokens) == 5
 
 
-async def test_concurrent_requests(sim_server: Server) -> None:
+async def test_concurrent_requests(sim_server: ThreadedServer) -> None:
     client = openai.AsyncOpenAI(base_url=sim_server.url + "/v1", api_key="none", max_retries=0)
 
     async def one(i: int) -> tuple[str, int]:
@@ -178,7 +158,7 @@ async def test_concurrent_requests(sim_server: Server) -> None:
     await client.close()
 
 
-def test_models_health_live_metrics_openapi(sim_server: Server, client: openai.OpenAI) -> None:
+def test_models_health_live_metrics_openapi(sim_server: ThreadedServer, client: openai.OpenAI) -> None:
     models = client.models.list()
     assert [m.id for m in models.data] == [MODEL]
     assert httpx.get(sim_server.url + "/health").status_code == 200
@@ -197,7 +177,7 @@ def test_models_health_live_metrics_openapi(sim_server: Server, client: openai.O
     assert "ChatCompletionRequest" in spec["components"]["schemas"]
 
 
-def _post(server: Server, path: str, body: Any, **kw: Any) -> httpx.Response:
+def _post(server: ThreadedServer, path: str, body: Any, **kw: Any) -> httpx.Response:
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
     return httpx.post(server.url + path, content=content, headers={"content-type": "application/json"}, **kw)
 
@@ -226,23 +206,23 @@ BASE = {"model": MODEL, "messages": CHAT}
         ({**BASE, "n": 2}, "n"),
     ],
 )
-def test_invalid_requests_are_400(sim_server: Server, body: Any, param: str | None) -> None:
+def test_invalid_requests_are_400(sim_server: ThreadedServer, body: Any, param: str | None) -> None:
     err = _error(_post(sim_server, "/v1/chat/completions", body), 400)
     assert err["type"] == "invalid_request_error" and err["param"] == param
 
 
-def test_unknown_model_and_route_are_404(sim_server: Server) -> None:
+def test_unknown_model_and_route_are_404(sim_server: ThreadedServer) -> None:
     err = _error(_post(sim_server, "/v1/chat/completions", {**BASE, "model": "nope"}), 404)
     assert err["code"] == "model_not_found"
     _error(httpx.get(sim_server.url + "/v1/nothing"), 404)
 
 
-def test_prompt_longer_than_context_is_400(sim_server: Server) -> None:
+def test_prompt_longer_than_context_is_400(sim_server: ThreadedServer) -> None:
     err = _error(_post(sim_server, "/v1/completions", {"model": MODEL, "prompt": list(range(3, 303))}), 400)
     assert "300" in err["message"] and "256" in err["message"]
 
 
-def test_max_tokens_past_context_is_clamped(sim_server: Server) -> None:
+def test_max_tokens_past_context_is_clamped(sim_server: ThreadedServer) -> None:
     resp = _post(
         sim_server, "/v1/completions", {"model": MODEL, "prompt": list(range(3, 203)), "max_tokens": 1000}
     )
@@ -276,9 +256,11 @@ class FakeBackend:
 
 
 @pytest.fixture
-def fake_server(tiny_dir: Path, request: pytest.FixtureRequest) -> Iterator[tuple[Server, FakeBackend]]:
+def fake_server(
+    tiny_dir: Path, request: pytest.FixtureRequest
+) -> Iterator[tuple[ThreadedServer, FakeBackend]]:
     backend = FakeBackend(tiny_dir, *request.param)
-    server = Server(create_app(backend))
+    server = ThreadedServer(create_app(backend))
     yield server, backend
     server.stop()
 
@@ -300,7 +282,7 @@ async def _forever(req: GenerateRequest) -> AsyncIterator[EngineOutput]:
 
 
 @pytest.mark.parametrize("fake_server", [(_one_then_lost,)], indirect=True)
-def test_worker_lost_mid_stream_sends_error_event(fake_server: tuple[Server, FakeBackend]) -> None:
+def test_worker_lost_mid_stream_sends_error_event(fake_server: tuple[ThreadedServer, FakeBackend]) -> None:
     server, backend = fake_server
     t0 = time.monotonic()
     resp = _post(server, "/v1/chat/completions", {**BASE, "stream": True}, timeout=5)
@@ -313,13 +295,13 @@ def test_worker_lost_mid_stream_sends_error_event(fake_server: tuple[Server, Fak
 
 
 @pytest.mark.parametrize("fake_server", [(_one_then_lost,)], indirect=True)
-def test_worker_lost_non_streaming_is_502(fake_server: tuple[Server, FakeBackend]) -> None:
+def test_worker_lost_non_streaming_is_502(fake_server: tuple[ThreadedServer, FakeBackend]) -> None:
     server, _ = fake_server
     _error(_post(server, "/v1/chat/completions", BASE, timeout=5), 502)
 
 
 @pytest.mark.parametrize("fake_server", [(_one_then_lost, False)], indirect=True)
-def test_no_live_worker_is_503_with_retry_after(fake_server: tuple[Server, FakeBackend]) -> None:
+def test_no_live_worker_is_503_with_retry_after(fake_server: tuple[ThreadedServer, FakeBackend]) -> None:
     server, _ = fake_server
     resp = _post(server, "/v1/chat/completions", BASE)
     _error(resp, 503)
@@ -329,7 +311,7 @@ def test_no_live_worker_is_503_with_retry_after(fake_server: tuple[Server, FakeB
 
 
 @pytest.mark.parametrize("fake_server", [(_one_then_forever,), (_forever,)], indirect=True)
-def test_client_disconnect_closes_the_backend_stream(fake_server: tuple[Server, FakeBackend]) -> None:
+def test_client_disconnect_closes_the_backend_stream(fake_server: tuple[ThreadedServer, FakeBackend]) -> None:
     server, backend = fake_server
     with pytest.raises(httpx.ReadTimeout), httpx.Client(timeout=httpx.Timeout(5, read=0.5)) as http:
         with http.stream("POST", server.url + "/v1/chat/completions", json={**BASE, "stream": True}) as resp:
@@ -347,7 +329,7 @@ def test_builtin_engine_greedy_matches_engine_core(tiny_dir: Path) -> None:
 
     config = EngineConfig()
     backend = LocalBackend.build(tiny_dir, engine="builtin", name=MODEL, config=config, dtype="float32")
-    server = Server(create_app(backend))
+    server = ThreadedServer(create_app(backend))
     try:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
         via_http = client.completions.create(
@@ -380,7 +362,7 @@ async def _merged_outputs(req: GenerateRequest) -> AsyncIterator[EngineOutput]:
 
 
 @pytest.mark.parametrize("fake_server", [(_merged_outputs,)], indirect=True)
-def test_merged_outputs_stream_one_event_per_token(fake_server: tuple[Server, FakeBackend]) -> None:
+def test_merged_outputs_stream_one_event_per_token(fake_server: tuple[ThreadedServer, FakeBackend]) -> None:
     server, _ = fake_server
     body = {**BASE, "stream": True, "stream_options": {"include_usage": True}}
     resp = _post(server, "/v1/chat/completions", body, timeout=5)
@@ -399,7 +381,7 @@ def _crash(req: GenerateRequest) -> AsyncIterator[EngineOutput]:
 
 
 @pytest.mark.parametrize("fake_server", [(_crash,)], indirect=True)
-def test_backend_crash_is_a_500_in_openai_shape(fake_server: tuple[Server, FakeBackend]) -> None:
+def test_backend_crash_is_a_500_in_openai_shape(fake_server: tuple[ThreadedServer, FakeBackend]) -> None:
     # The generation routes bypass FastAPI's exception handlers; a crash must still be a clean 500.
     server, _ = fake_server
     for path in ("/v1/chat/completions", "/v1/completions"):

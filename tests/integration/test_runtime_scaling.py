@@ -12,7 +12,6 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -26,14 +25,9 @@ from tandem.control.rpc_client import RpcClientPool
 from tandem.models.tiny import write_tiny_model
 from tandem.protocol.registry import WorkerStats
 from tandem.protocol.rpc import StatsCall
+from tests.integration.servers import free_port
 
 MAX_TOKENS = 24
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_line(proc: subprocess.Popen, pattern: str, timeout: float) -> re.Match:

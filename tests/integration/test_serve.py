@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -16,14 +15,9 @@ import httpx
 import pytest
 
 from tandem.models.tiny import write_tiny_model
+from tests.integration.servers import free_port
 
 READY_TIMEOUT = 120.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +28,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_serve_streams_and_drains_on_sigterm(tiny_model: Path, tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "tandem.cli.main", "--log-level", "WARNING", "serve"]
     cmd += ["--model", str(tiny_model), "--engine", "sim", "--workers", "2", "--speedup", "20"]
     cmd += ["--port", str(port), "--router", "least-loaded", "--log-dir", str(tmp_path / "logs")]

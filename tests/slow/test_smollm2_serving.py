@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -16,14 +15,10 @@ from pathlib import Path
 import pytest
 from openai import OpenAI
 
+from tests.integration.servers import free_port
+
 pytestmark = pytest.mark.slow
 CLI = [sys.executable, "-m", "tandem.cli.main", "--log-level", "WARNING"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
