@@ -5,7 +5,10 @@
      ^ evicted first     appended here
 
 A block with ref_cnt 0 sits in the free queue but keeps its hash: until it is handed out again it can
-be revived by a prefix hit (`touch`). Handing it out evicts the hash and emits `BlockRemoved`.
+be revived by a prefix hit (`touch`). Handing it out evicts the hash and emits `BlockRemoved`. A freed
+block that holds no cached prefix (a partial tail, a duplicate of a block cached elsewhere, a chunk
+never computed) joins the front of the queue instead: it is reused before any cached block is evicted,
+so eviction is LRU over cached blocks only (as Dynamo's mocker does; vLLM queues both kinds together).
 """
 
 from __future__ import annotations
@@ -84,17 +87,23 @@ class BlockPool:
             block.ref_cnt += 1
 
     def free_blocks(self, block_ids: Iterable[int]) -> None:
-        """Drop a reference; blocks that reach zero join the free queue in the order given.
+        """Drop a reference; blocks that reach zero join the free queue in the order given: cached
+        blocks at its MRU end, blocks without a cached hash at its front (reused first).
 
         Callers pass a request's blocks tail first, so a sequence's last blocks are evicted before
         its first ones (the shared prefix lives longest).
         """
+        empty: list[int] = []
         for block_id in block_ids:
             block = self.blocks[block_id]
             assert block.ref_cnt > 0, f"block {block_id} freed more often than taken"
             block.ref_cnt -= 1
             if block.ref_cnt == 0:
                 self._free[block_id] = None
+                if block.block_hash is None:
+                    empty.append(block_id)
+        for block_id in reversed(empty):
+            self._free.move_to_end(block_id, last=False)
 
     def cache_blocks(self, block_ids: list[int], hashes: list[int], parent_hash: int | None) -> None:
         """Register full, computed blocks under their sequence hashes and emit one `BlockStored`.

@@ -12,8 +12,24 @@ def test_new_blocks_come_from_lru_end_and_refcounts_track_sharing():
     assert pool.num_free_blocks == 2, "still referenced once"
     pool.free_blocks(reversed(a))
     assert pool.num_free_blocks == 4
-    # Freed order was [1, 0] after the never-used [2, 3]: LRU hands out 2, 3, then 1, then 0.
-    assert pool.get_new_blocks(4) == [2, 3, 1, 0]
+    # 1 and 0 hold nothing cached, so they are handed out first (in the order freed), then 2, 3.
+    assert pool.get_new_blocks(4) == [1, 0, 2, 3]
+
+
+def test_freed_blocks_without_a_cached_hash_are_reused_before_cached_ones_are_evicted():
+    pool = BlockPool(4, block_size=2)
+    cached = pool.get_new_blocks(2)
+    pool.cache_blocks(cached, [10, 20], parent_hash=None)
+    pool.free_blocks(reversed(cached))
+    (partial,) = pool.get_new_blocks(1)  # the never-used blocks go first anyway
+    (dup,) = pool.get_new_blocks(1)
+    pool.cache_blocks([dup], [10], parent_hash=None)  # a duplicate stays private, unhashed
+    pool.free_blocks([partial, dup])
+    pool.take_events()
+    assert sorted(pool.get_new_blocks(2)) == sorted([partial, dup])
+    assert pool.lookup(10) is not None and pool.lookup(20) is not None, "nothing cached was evicted"
+    assert pool.take_events() == []
+    assert pool.get_new_blocks(1) == [cached[1]], "then LRU over cached blocks: the tail first"
 
 
 def test_cached_block_survives_free_and_is_evicted_only_when_reused():
