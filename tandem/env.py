@@ -31,3 +31,13 @@ def torch_threads() -> int | None:
     if n < 1:
         raise ValueError(f"TANDEM_TORCH_THREADS must be a positive integer, got {value!r}")
     return n
+
+
+def cpu_half() -> str:
+    """TANDEM_CPU_HALF: what the built-in engine does when asked for bfloat16/float16 on a CPU
+    without arithmetic for it: "upcast" (default) computes in float32, "native" keeps the emulated
+    type (half the memory, several times slower)."""
+    value = os.environ.get("TANDEM_CPU_HALF") or "upcast"
+    if value not in ("upcast", "native"):
+        raise ValueError(f"TANDEM_CPU_HALF must be 'upcast' or 'native', got {value!r}")
+    return value

@@ -2,7 +2,7 @@
 
 Every engine that takes part in KV transfer keeps its cache as one tensor
 
-    kv: [num_layers, num_blocks, 2, block_size, num_kv_heads, head_dim]      (2 = K, V)
+    kv: [num_layers, num_blocks, 2, num_kv_heads, block_size, head_dim]      (2 = K, V)
 
 so block b of layer l is one contiguous run of `layer_block_bytes` bytes at `kv[l, b]`. Workers
 publish their layout when they register; a prefill and a decode worker of one model with different
@@ -29,7 +29,7 @@ class KvLayout(msgspec.Struct, frozen=True):
 
     @property
     def layer_block_shape(self) -> tuple[int, int, int, int]:
-        return (2, self.block_size, self.num_kv_heads, self.head_dim)
+        return (2, self.num_kv_heads, self.block_size, self.head_dim)
 
     @property
     def layer_block_bytes(self) -> int:

@@ -21,8 +21,8 @@ def torch_dtype(layout: KvLayout) -> torch.dtype:
 
 
 def layout_of(kv: torch.Tensor, model: str = "") -> KvLayout:
-    layers, _, two, block_size, heads, head_dim = kv.shape
-    assert two == 2, f"expected [layers, blocks, 2, block, heads, dim], got {tuple(kv.shape)}"
+    layers, _, two, heads, block_size, head_dim = kv.shape
+    assert two == 2, f"expected [layers, blocks, 2, heads, block, dim], got {tuple(kv.shape)}"
     return KvLayout(layers, block_size, heads, head_dim, DTYPE_NAMES[kv.dtype], model)
 
 

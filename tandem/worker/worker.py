@@ -29,6 +29,7 @@ from tandem.engine.async_engine import AsyncEngine
 from tandem.engine.config import EngineConfig
 from tandem.engine.core import EngineCore
 from tandem.engine.executor import Executor
+from tandem.engines.builtin.dtypes import compute_dtype
 from tandem.engines.factory import build_executor
 from tandem.protocol.errors import InvalidRequestError, ModelNotFoundError, OverloadedError
 from tandem.protocol.registry import Hardware, Role, WorkerInfo, WorkerLoad, WorkerStats
@@ -114,7 +115,7 @@ class Worker:
             layout = layout_from_config(
                 cfg.model_dir,
                 cfg.engine_config.block_size,
-                cfg.dtype if cfg.engine == "builtin" else "bfloat16",
+                compute_dtype(cfg.dtype, cfg.device) if cfg.engine == "builtin" else "bfloat16",
                 cfg.model_name,
                 cfg.engine,
             )

@@ -125,7 +125,7 @@ def test_logits_match_transformers(variant: str, models) -> None:
     ta, tb, tc = ids[:10], ids[10:13], ids[13:14]
 
     def run(items: list[ScheduledRequest]) -> torch.Tensor:
-        batch = build_step(items, block, ex.device)
+        batch = build_step(items, block, ex.model_config.num_kv_heads, ex.device)
         rows = torch.arange(batch.input_ids.shape[0])
         with torch.inference_mode():
             return ex.model.forward(batch.input_ids, batch.positions, batch.attn, ex.kv_caches, rows)

@@ -7,7 +7,7 @@ and, if asked, its logprob. Per-request sampler state (seeded generators) is dro
 id shows up in `out.finished_request_ids`. The executor never decides what runs: the scheduler
 does, by block ids and token counts.
 
-The KV cache is one tensor, `kv_cache: [num_layers, num_blocks, 2, block_size, kv_heads, head_dim]`
+The KV cache is one tensor, `kv_cache: [num_layers, num_blocks, 2, kv_heads, block_size, head_dim]`
 (see `kv_cache.py`); `kv_caches[layer]` are its per-layer views. A KV connector's worker side, if
 given, may allocate the tensor (`allocate_kv_cache(shape, dtype, device)`, e.g. in shared memory)
 and, if it has `register_kv_caches`, is handed the whole tensor to copy blocks in and out.
@@ -28,6 +28,7 @@ from tandem.engine.config import EngineConfig
 from tandem.engine.executor import ExecutorOutput, SchedulerOutput
 from tandem.engine.request import Request
 from tandem.engines.builtin.attention import build_step
+from tandem.engines.builtin.dtypes import DTYPES, compute_dtype
 from tandem.engines.builtin.kv_cache import (
     allocate_kv_cache,
     bytes_per_block,
@@ -38,9 +39,6 @@ from tandem.engines.builtin.model import DecoderModel
 from tandem.engines.builtin.sampler import Sampler
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 class BuiltinExecutor:
     def __init__(
@@ -54,11 +52,12 @@ class BuiltinExecutor:
         num_threads: int | None = None,
     ) -> None:
         """`num_threads`: torch intra-op threads on CPU; None reads TANDEM_TORCH_THREADS, then
-        OMP_NUM_THREADS, then uses the cores this process may run on (see `_configure_threads`)."""
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        OMP_NUM_THREADS, then uses the cores this process may run on (see `_configure_threads`).
+        `dtype` is what is asked for; on a CPU that only emulates it the engine runs in float32
+        (`dtypes.compute_dtype`), and `self.dtype` says what it runs in."""
         self.config = config
         self.device = torch.device(device)
+        dtype = compute_dtype(dtype, self.device)
         self.dtype = DTYPES[dtype]
         self.block_size = config.block_size
         _configure_threads(self.device, num_threads)
@@ -80,7 +79,7 @@ class BuiltinExecutor:
         else:
             self.kv_cache = allocate_kv_cache(cfg, self.num_blocks, self.block_size, self.dtype, self.device)
         self.kv_caches: list[torch.Tensor] = list(self.kv_cache.unbind(0))
-        """Per layer: [num_blocks, 2, block_size, kv_heads, head_dim], views of `kv_cache`."""
+        """Per layer: [num_blocks, 2, kv_heads, block_size, head_dim], views of `kv_cache`."""
         self.sampler = Sampler(self.device)
         self._seeded: dict[str, Request] = {}
         """Requests that own a generator in the sampler, to drop it once they finish."""
@@ -105,7 +104,9 @@ class BuiltinExecutor:
         if out.empty:
             return ExecutorOutput(step_seconds=time.perf_counter() - t0)
         with torch.inference_mode():
-            batch = build_step(out.scheduled, self.block_size, self.device, self.dtype)
+            batch = build_step(
+                out.scheduled, self.block_size, self.model_config.num_kv_heads, self.device, self.dtype
+            )
             logits = self.model.forward(
                 batch.input_ids, batch.positions, batch.attn, self.kv_caches, batch.sample_rows
             )

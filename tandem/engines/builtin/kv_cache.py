@@ -2,14 +2,15 @@
 
 Layout, one tensor for the whole model:
 
-    kv_cache: [num_layers, num_blocks, 2, block_size, num_kv_heads, head_dim]
+    kv_cache: [num_layers, num_blocks, 2, num_kv_heads, block_size, head_dim]
                                        ^ 0 = K, 1 = V
 
 so one block's K and V for one layer are one contiguous run of `bytes_per_block / num_layers`
 bytes, and `kv_cache[:, block_ids]` gathers every layer's bytes of some blocks in one indexing op
 (what a KV transfer between workers copies). `kv_cache[layer]` is the per-layer view the attention
-writes into. The tensor starts zeroed: padded decode batches read unused slots (masked out, but a
-NaN there would still poison the softmax-weighted sum).
+writes into; inside a block each KV head's keys (then values) are contiguous (see `attention.py`).
+The tensor starts zeroed: padded decode batches read unused slots (masked out, but a NaN there
+would still poison the softmax-weighted sum).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from tandem.engines.builtin.loader import ModelConfig
 
 
 def kv_cache_shape(cfg: ModelConfig, num_blocks: int, block_size: int) -> tuple[int, ...]:
-    return (cfg.num_layers, num_blocks, 2, block_size, cfg.num_kv_heads, cfg.head_dim)
+    return (cfg.num_layers, num_blocks, 2, cfg.num_kv_heads, block_size, cfg.head_dim)
 
 
 def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:

@@ -132,7 +132,7 @@ class DecoderModel:
         kv_caches: list[torch.Tensor],
         logits_rows: torch.Tensor,
     ) -> torch.Tensor:
-        """input_ids, positions: [T]; kv_caches: one [num_blocks, 2, bs, Hkv, D] per layer;
+        """input_ids, positions: [T]; kv_caches: one [num_blocks, 2, Hkv, bs, D] per layer;
         logits_rows: [S] rows to compute logits for. Returns [S, vocab] logits."""
         cfg = self.cfg
         eps = cfg.rms_norm_eps

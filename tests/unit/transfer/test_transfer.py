@@ -9,7 +9,7 @@ from tandem.transfer.layout import layout_of
 from tandem.transfer.server import BlockServer
 from tandem.transfer.shm import SharedKvCache, copy_blocks
 
-SHAPE = (3, 16, 2, 4, 2, 8)  # layers, blocks, K/V, block size, kv heads, head dim
+SHAPE = (3, 16, 2, 2, 4, 8)  # layers, blocks, K/V, kv heads, block size, head dim
 
 
 async def eventually(cond, timeout=5.0):
@@ -60,7 +60,7 @@ async def test_mismatched_layout_is_a_clear_error_and_keeps_the_hold():
     addr = await server.start()
     try:
         server.hold("h", [1])
-        dst = torch.zeros((3, 16, 2, 8, 2, 8), dtype=torch.float32)
+        dst = torch.zeros((3, 16, 2, 2, 8, 8), dtype=torch.float32)
         with pytest.raises(TransferFailedError, match=r"block_size: 4 there vs 8 here.*dtype"):
             await BlockReader(dst, layout_of(dst, model="m")).read(addr, "h", [0])
         assert server.num_held == 1

@@ -24,7 +24,7 @@ def _dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 def test_mixed_step_matches_dense_attention() -> None:
     torch.manual_seed(0)
-    cache = torch.zeros(NUM_BLOCKS, 2, BS, HKV, D)
+    cache = torch.zeros(NUM_BLOCKS, 2, HKV, BS, D)
     ids = list(range(NUM_BLOCKS))
     random.Random(1).shuffle(ids)
     # (total tokens, tokens computed before, tokens this step): a fresh prefill, a chunk over a
@@ -36,12 +36,12 @@ def test_mixed_step_matches_dense_attention() -> None:
         table, ids = ids[: -(-total // BS)], ids[-(-total // BS) :]
         k, v = torch.randn(total, HKV, D), torch.randn(total, HKV, D)
         for p in range(start):  # KV from earlier steps
-            cache[table[p // BS], 0, p % BS] = k[p]
-            cache[table[p // BS], 1, p % BS] = v[p]
+            cache[table[p // BS], 0, :, p % BS] = k[p]
+            cache[table[p // BS], 1, :, p % BS] = v[p]
         items.append(ScheduledRequest(req, n, start, table))
         keys.append(k)
         values.append(v)
-    batch = build_step(items, BS, torch.device("cpu"))
+    batch = build_step(items, BS, HKV, torch.device("cpu"))
     order = sorted(range(len(items)), key=lambda i: items[i].num_new_tokens != 1)
     qs = [torch.randn(specs[i][2], HQ, D) for i in order]
     ks = torch.cat([keys[i][specs[i][1] : specs[i][0]] for i in order])

@@ -32,11 +32,12 @@ def test_contract_attributes_and_kv_layout(tiny_llama: Path) -> None:
     ex = BuiltinExecutor(tiny_llama, EngineConfig(block_size=8, num_blocks=10), dtype="float32")
     assert (ex.num_blocks, ex.max_model_len, ex.vocab_size, ex.eos_token_ids) == (10, 256, 512, (2,))
     # [layers, blocks, K/V, block_size, kv_heads, head_dim]; one layer's block is contiguous.
-    assert ex.kv_cache.shape == (2, 10, 2, 8, 2, 16)
-    assert ex.kv_caches[1].shape == (10, 2, 8, 2, 16) and ex.kv_caches[1][3].is_contiguous()
+    assert ex.kv_cache.shape == (2, 10, 2, 2, 8, 16)
+    assert ex.kv_caches[1].shape == (10, 2, 2, 8, 16) and ex.kv_caches[1][3].is_contiguous()
 
 
-def test_num_blocks_sized_from_kv_cache_bytes(tiny_llama: Path) -> None:
+def test_num_blocks_sized_from_kv_cache_bytes(tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TANDEM_CPU_HALF", "native")  # bf16 even on a CPU that only emulates it
     per = 2 * 2 * 16 * 2 * 16 * 2  # layers * (K, V) * block_size * kv_heads * head_dim * bf16 bytes
     cfg = EngineConfig(block_size=16, kv_cache_bytes=per * 37 + 5)
     ex = BuiltinExecutor(tiny_llama, cfg, dtype="bfloat16")
