@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -82,7 +83,7 @@ def start_tandem(args: argparse.Namespace, speedup: float, router: str, logdir: 
         cmd += [f"--{k.replace('_', '-')}", str(v)]
     log = open(logdir / f"tandem-{router}-{speedup:g}.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    name = "tandem-rr" if router == "round-robin" else "tandem-ll"
+    name = {"round-robin": "tandem-rr", "least-loaded": "tandem-ll", "kv": "tandem-kv"}[router]
     return Deployment(name, {"frontend": proc}, f"http://127.0.0.1:{args.port}")
 
 
@@ -140,6 +141,7 @@ def wait_ready(dep: Deployment, timeout: float = 180.0) -> None:
 
 def run_point(args: argparse.Namespace, dep: Deployment, speedup: float, c: int, out_dir: Path) -> dict:
     n, warm = counts(speedup, c, dep.name)
+    n = max(1, round(n * args.count_scale))
     subprocess.run([sys.executable, str(SHARED / "wait_quiet.py"), "15", "20"], check=False)
     pids = ",".join(f"{k}={v}" for k, v in dep.pids().items())
     out = out_dir / f"{dep.name}-{speedup:g}-c{c}.json"
@@ -157,6 +159,16 @@ def run_point(args: argparse.Namespace, dep: Deployment, speedup: float, c: int,
         res["tandem_bench"] = json.loads(tb.read_text())
     print(f"  {dep.name:15s} x{speedup:<6g} c={c:<3d} {summary(res)}", flush=True)
     return res
+
+
+def median_result(runs: list[Any]) -> Any:
+    """Field by field median of repeated runs of one point (numbers only; other fields from the first)."""
+    first = runs[0]
+    if isinstance(first, bool) or not isinstance(first, (int, float, dict)):
+        return first
+    if isinstance(first, dict):
+        return {k: median_result([r[k] for r in runs if isinstance(r, dict) and k in r]) for k in first}
+    return statistics.median(runs)
 
 
 def summary(r: dict) -> str:
@@ -252,6 +264,13 @@ def main() -> int:
     ap.add_argument("--concurrency", default="1,16,64")
     ap.add_argument("--port", type=int, default=8765)
     ap.add_argument("--tandem-bench", action="store_true", help="also run `tandem bench` on each point")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every system this many times, alternating; the table shows each field's median",
+    )
+    ap.add_argument("--count-scale", type=float, default=1.0, help="multiply the requests per point")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     args.client_python = args.client_python or str(Path(args.dynamo) / "venv/bin/python")
@@ -264,25 +283,29 @@ def main() -> int:
     cs = [int(c) for c in args.concurrency.split(",")]
     out_dir = Path(tempfile.mkdtemp(prefix="serving-vs-dynamo-"))
     print(f"raw results and logs in {out_dir}", flush=True)
-    results: dict[str, Any] = {}
+    runs: dict[str, list[Any]] = {}
     for sp in speedups:
-        for s in systems:
-            if s.startswith("tandem"):
-                dep = start_tandem(
-                    args, sp, {"tandem-rr": "round-robin", "tandem-ll": "least-loaded"}[s], out_dir
-                )
-            else:
-                dep = start_dynamo(args, sp, s == "dynamo-nodelay", out_dir)
-            try:
-                wait_ready(dep)
-                for c in cs:
-                    results[f"{s}|{sp:g}|{c}"] = run_point(args, dep, sp, c, out_dir)
-            finally:
-                dep.stop()
+        for rnd in range(args.rounds):
+            order = systems if rnd % 2 == 0 else systems[::-1]  # neither side always runs first
+            for s in order:
+                if s.startswith("tandem"):
+                    policy = {"tandem-rr": "round-robin", "tandem-ll": "least-loaded", "tandem-kv": "kv"}[s]
+                    dep = start_tandem(args, sp, policy, out_dir)
+                else:
+                    dep = start_dynamo(args, sp, s == "dynamo-nodelay", out_dir)
+                try:
+                    wait_ready(dep)
+                    for c in cs:
+                        runs.setdefault(f"{s}|{sp:g}|{c}", []).append(run_point(args, dep, sp, c, out_dir))
+                finally:
+                    dep.stop()
+    results = {k: median_result(v) for k, v in runs.items()}
+    if args.rounds > 1:
+        print(f"\nmedians over {args.rounds} rounds per point")
     print(table(results, systems, speedups, cs))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=1))
+        Path(args.out).write_text(json.dumps({"median": results, "runs": runs}, indent=1))
     return 0
 
 
