@@ -20,6 +20,7 @@ import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from tandem.cli.router_args import add_kv_policy_args, kv_policy_from_args
 from tandem.engines.factory import ENGINES
 
 if TYPE_CHECKING:
@@ -53,6 +54,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--router", default="round-robin", help="round-robin | random | least-loaded | kv | kv-approx"
     )
+    add_kv_policy_args(p)
     p.add_argument("--speedup", type=float, default=1.0, help="sim engine: faster than modelled time")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
@@ -114,6 +116,7 @@ def spec_from_args(args: argparse.Namespace) -> DeploymentSpec:
         pools=pools,
         disagg_min_prompt_tokens=args.disagg_min_prompt_tokens,
         enforce_disagg=args.enforce_disagg,
+        kv_policy=kv_policy_from_args(args),
     )
 
 
@@ -142,6 +145,7 @@ async def serve(
     from tandem.control.registry import RegistryServer
     from tandem.deploy.local import LocalLauncher
     from tandem.router.backend import RouterBackend
+    from tandem.router.basic import make_policy
     from tandem.router.disagg import DisaggPolicy
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # the readiness poll is not news
@@ -159,7 +163,7 @@ async def serve(
     registry = RegistryServer(store, host=spec.host, port=registry_port)
     await registry.start()
     disagg = DisaggPolicy(spec.disagg_min_prompt_tokens, spec.enforce_disagg)
-    backend = RouterBackend(store, spec.policy, disagg=disagg)
+    backend = RouterBackend(store, make_policy(spec.policy, spec.kv_policy), disagg=disagg)
     launcher = LocalLauncher(
         spec, registry.address, log_dir=log_dir, log_level=log_level, drain_timeout=drain_timeout
     )

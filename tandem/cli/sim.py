@@ -14,6 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tandem.cli.router_args import add_kv_policy_args, kv_policy_from_args
+
 ROUTER_NAMES = ("round-robin", "random", "least-loaded", "kv")
 
 
@@ -33,6 +35,7 @@ def add_replay_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine-speedup", type=float, default=1.0, help="divide modelled step times")
     p.add_argument("--timing-profile", default=None, help="ProfileTiming JSON instead of polynomials")
     p.add_argument("--out", default=None, help="write all summaries as JSON here")
+    add_kv_policy_args(p)
 
 
 def run_from_args(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -54,12 +57,14 @@ def run_from_args(args: argparse.Namespace) -> list[dict[str, Any]]:
         timing_profile=args.timing_profile,
     )
     requests = load_trace(spec)
+    kv_policy = kv_policy_from_args(args)
+    suffix = " (" + ", ".join(f"{k} {v:g}" for k, v in kv_policy.items()) + ")" if kv_policy else ""
     results = []
     print(header())
     for router in routers:
         for workers in args.workers:
-            s = replay(spec, workers, router, requests).summary()
-            s.update(router=router, workers=workers)
+            s = replay(spec, workers, router, requests, kv_policy).summary()
+            s.update(router=router + suffix, workers=workers, kv_policy=kv_policy)
             results.append(s)
             print(row(s), flush=True)
     if args.out:

@@ -2,7 +2,7 @@
 
     model: {path: ./models/tiny, served_name: tiny}
     frontend: {host: 127.0.0.1, port: 8000}
-    router: {policy: least-loaded}
+    router: {policy: least-loaded}          # or {policy: kv, overlap_weight: 10, ...}
     pools:
       - {name: agg, role: agg, replicas: 2, engine: sim, speedup: 10, engine_args: {num_blocks: 4096}}
 
@@ -12,12 +12,13 @@ construction; unknown keys are errors (a typo must not silently fall back to a d
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from tandem.engines.factory import ENGINES
-from tandem.router.basic import KV_POLICIES, POLICIES
+from tandem.router.basic import KV_POLICIES, KV_POLICY_FIELDS, POLICIES, check_kv_policy
 
 ROLES = ("agg", "prefill", "decode")
 ENGINE_ARGS = ("block_size", "num_blocks", "max_num_seqs", "max_num_batched_tokens", "max_model_len")
@@ -88,11 +89,15 @@ class DeploymentSpec:
     """Prompts shorter than this prefill on the decode worker (conditional disaggregation)."""
     enforce_disagg: bool = False
     """Refuse (503) rather than prefill on a decode worker when no prefill worker is live."""
+    kv_policy: Mapping[str, float] = field(default_factory=dict)
+    """KV policies only: `KvPolicyConfig` fields (`KV_POLICY_FIELDS`: overlap_weight, decode_weight,
+    queued_weight, temperature, long_prompt_tokens) replacing the tuned ones; empty: all tuned."""
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES and self.policy not in KV_POLICIES:
             known = (*POLICIES, *KV_POLICIES)
             raise ValueError(f"router policy must be one of {known}, got {self.policy!r}")
+        check_kv_policy(self.policy, self.kv_policy)
         if not self.pools or sum(p.replicas for p in self.pools) == 0:
             raise ValueError("the deployment has no workers")
         if self.disagg_min_prompt_tokens < 0:
@@ -121,7 +126,8 @@ class DeploymentSpec:
         frontend = data.get("frontend") or {}
         _check_keys("frontend", frontend, {"host", "port"})
         router = data.get("router") or {}
-        _check_keys("router", router, {"policy", "disagg_min_prompt_tokens", "enforce_disagg"})
+        router_keys = {"policy", "disagg_min_prompt_tokens", "enforce_disagg", *KV_POLICY_FIELDS}
+        _check_keys("router", router, router_keys)
         pools = []
         known = {f.name for f in fields(PoolSpec)}
         for raw in data.get("pools") or []:
@@ -137,6 +143,7 @@ class DeploymentSpec:
             name=data.get("name", "tandem"),
             disagg_min_prompt_tokens=int(router.get("disagg_min_prompt_tokens", 64)),
             enforce_disagg=bool(router.get("enforce_disagg", False)),
+            kv_policy={k: _number(router[k]) for k in KV_POLICY_FIELDS if k in router},
         )
 
     @classmethod
@@ -150,6 +157,12 @@ class DeploymentSpec:
             return cls.from_dict(data)
         except (TypeError, ValueError) as e:
             raise ValueError(f"{path}: {e}") from e
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"router weights must be numbers, got {value!r}")
+    return value
 
 
 def _check_keys(what: str, data: Any, allowed: set[str]) -> None:

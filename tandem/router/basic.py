@@ -9,7 +9,7 @@ KV-aware one, which slots in behind this same `pick` signature.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from tandem.protocol.messages import GenerateRequest
@@ -67,18 +67,40 @@ POLICIES: dict[str, type[RoundRobin] | type[Random] | type[LeastLoaded]] = {
 KV_POLICIES = ("kv", "kv-approx")
 """KV-aware policies (`router/kv_policy.py`): with KV events, or approximate (predicted from routing)."""
 
+KV_POLICY_FIELDS = ("overlap_weight", "decode_weight", "queued_weight", "temperature", "long_prompt_tokens")
+"""`KvPolicyConfig` fields a deployment may set for the KV-aware policies (`tandem serve --router-*`)."""
+
 APPROX_TTL_S = 120.0
 """kv-approx: how long a routed prefix is assumed cached on its worker."""
 
 
-def make_policy(name: str) -> Policy:
-    """A fresh policy by its CLI name. Raises ValueError for an unknown name."""
+def check_kv_policy(name: str, fields: Mapping[str, float]) -> None:
+    """Raise ValueError unless `fields` are known, valid KV policy fields and `name` is a KV policy."""
+    if not fields:
+        return
+    unknown = set(fields) - set(KV_POLICY_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown router settings {sorted(unknown)}; allowed: {list(KV_POLICY_FIELDS)}")
+    if name not in KV_POLICIES:
+        raise ValueError(f"router weights apply to the {' and '.join(KV_POLICIES)} policies, not {name!r}")
+    from tandem.router.policy import KvPolicyConfig
+
+    KvPolicyConfig(**fields)  # validates the values
+
+
+def make_policy(name: str, kv_policy: Mapping[str, float] | None = None) -> Policy:
+    """A fresh policy by its CLI name; `kv_policy` fields replace the KV policies' tuned ones.
+    Raises ValueError for an unknown name or weights that do not apply."""
+    check_kv_policy(name, kv_policy or {})
     if name in KV_POLICIES:
+        from dataclasses import replace
+
         from tandem.router.kv import KvRouterConfig
         from tandem.router.kv_policy import TUNED, KvPolicy
 
         ttl = APPROX_TTL_S if name == "kv-approx" else None
-        return KvPolicy(KvRouterConfig(policy=TUNED, approx_ttl=ttl))
+        policy = replace(TUNED, **kv_policy) if kv_policy else TUNED
+        return KvPolicy(KvRouterConfig(policy=policy, approx_ttl=ttl))
     try:
         return POLICIES[name]()
     except KeyError:

@@ -38,7 +38,7 @@ from tandem.router.policy import KvPolicyConfig, WorkerLoad
 
 log = logging.getLogger(__name__)
 
-TUNED = KvPolicyConfig(overlap_weight=10.0, decode_weight=0.3, queued_weight=1.0)
+TUNED = KvPolicyConfig(overlap_weight=10.0, decode_weight=0.3, queued_weight=1.0, long_prompt_tokens=16384)
 """Defaults from the Mooncake replay (docs/benchmarks.md, "KV-aware router")."""
 
 RESUBSCRIBE_S = 0.5

@@ -3,8 +3,14 @@
 KV-aware cost of sending a request of `n` blocks to worker w (lower is better):
 
     cost(w) = overlap_weight * (n - overlap(w))                        prefill blocks left after the hit
-            + decode_weight * active_blocks(w)                          decode load: KV of running requests
+            + decode_weight * s(n) * active_blocks(w)                   decode load: KV of running requests
             + queued_weight * queued_prefill_tokens(w) / block_size     prefill work already waiting there
+
+    s(n) = min(1, long_prompt_tokens / (n * block_size))                1 when long_prompt_tokens is 0
+
+A long prompt's time to first token is its own prefill plus the prefill queued ahead of it, so s(n)
+shrinks its decode term: it goes where the queue is short even if that worker holds more decode KV.
+Short requests, most of them, still spread decode KV (and so inter-token latency) by decode_weight.
 
 temperature 0 picks the argmin (ties: least loaded, then a seeded random choice, else the id);
 temperature > 0 samples from softmax(-cost / (temperature * spread)) so hot prefixes spread once
@@ -47,10 +53,21 @@ class KvPolicyConfig:
     """0: deterministic argmin. > 0: softmax sampling over normalised costs."""
     busy_threshold: float | None = None
     """Active blocks / capacity above which a worker takes no new request (None: never busy)."""
+    long_prompt_tokens: float = 0
+    """Prompts longer than this scale their decode term by long_prompt_tokens / length (0: off)."""
 
     def __post_init__(self) -> None:
         if min(self.overlap_weight, self.decode_weight, self.queued_weight) < 0:
             raise ValueError("overlap_weight, decode_weight and queued_weight must be >= 0")
+        if self.long_prompt_tokens < 0:
+            raise ValueError("long_prompt_tokens must be >= 0")
+
+    def decode_weight_for(self, num_tokens: int) -> float:
+        """decode_weight * s(n) for a prompt of `num_tokens` (see the module docstring)."""
+        cap = self.long_prompt_tokens
+        if cap <= 0 or num_tokens <= cap:
+            return self.decode_weight
+        return self.decode_weight * cap / num_tokens
         if self.temperature < 0:
             raise ValueError("temperature must be >= 0")
         if self.busy_threshold is not None and not 0 < self.busy_threshold:
@@ -65,11 +82,12 @@ def kv_costs(
     config: KvPolicyConfig,
 ) -> dict[str, float]:
     costs = {}
+    dw = config.decode_weight_for(num_request_blocks * block_size)
     for load in loads:
         prefill_blocks = num_request_blocks - min(overlaps.get(load.worker_id, 0), num_request_blocks)
         costs[load.worker_id] = (
             config.overlap_weight * prefill_blocks
-            + config.decode_weight * load.active_blocks
+            + dw * load.active_blocks
             + config.queued_weight * load.queued_prefill_tokens / block_size
         )
     return costs
@@ -99,7 +117,8 @@ def pick_kv(
     if config.temperature <= 0 or len(candidates) == 1:
         # One pass, no intermediate dicts: this runs over every worker of the fleet per request.
         n = num_request_blocks
-        ow, dw, qw = config.overlap_weight, config.decode_weight, config.queued_weight
+        ow, qw = config.overlap_weight, config.queued_weight
+        dw = config.decode_weight_for(n * block_size)
         best: tuple[float, float] | None = None
         tied: list[str] = []
         for w in candidates:

@@ -8,6 +8,7 @@ round-robin run compares with `dynamo_replay.py` figures directly.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,10 +83,12 @@ def replay(
     num_workers: int,
     router: str,
     requests: list[TraceRequest] | None = None,
+    kv_policy: Mapping[str, float] | None = None,
 ) -> RunMetrics:
-    """Replay the spec's trace (or `requests`, if given) through a fresh fleet."""
+    """Replay the spec's trace (or `requests`, if given) through a fresh fleet. `kv_policy`: KV
+    router fields replacing the named router's (see `make_router`)."""
     reqs = requests if requests is not None else load_trace(spec)
-    return Fleet(fleet_config(spec, num_workers), make_router(router)).run(reqs)
+    return Fleet(fleet_config(spec, num_workers), make_router(router, kv_policy)).run(reqs)
 
 
 def run_replay(

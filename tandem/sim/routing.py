@@ -14,7 +14,7 @@ finish: free). The fleet routes requests once each in arrival order and names re
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -144,7 +144,17 @@ ROUTERS: dict[str, Callable[[], Router]] = {
 `kv-dynamo` is the KV router with Dynamo's default weights (1, 1, 1), for side-by-side runs."""
 
 
-def make_router(name: str) -> Router:
+def make_router(name: str, kv_policy: Mapping[str, float] | None = None) -> Router:
+    """A fresh router by CLI name; `kv_policy` fields replace the KV routers' weights (`kv`,
+    `kv-approx`: the tuned ones; `kv-dynamo`: Dynamo's defaults)."""
+    if kv_policy:
+        from tandem.router.policy import KvPolicyConfig
+
+        bases = {"kv": TUNED, "kv-approx": TUNED, "kv-dynamo": KvPolicyConfig()}
+        if name not in bases:
+            raise ValueError(f"router weights apply to {', '.join(bases)}, not {name!r}")
+        ttl = APPROX_TTL_S if name == "kv-approx" else None
+        return KvSimRouter(KvRouterConfig(policy=replace(bases[name], **kv_policy), approx_ttl=ttl))
     try:
         return ROUTERS[name]()
     except KeyError:

@@ -38,6 +38,10 @@ def test_disagg_example_is_recognised_as_disaggregated() -> None:
         ({"model": "m", "pools": [{"engine_args": {"blocksize": 8}}]}, "unknown engine_args"),
         ({"model": "m", "pools": [{"name": "a"}, {"name": "a"}]}, "unique"),
         ({"model": "m", "frontend": {"prot": 1}, "pools": [{}]}, "unknown frontend keys"),
+        ({"model": "m", "router": {"policy": "random", "overlap_weight": 2}, "pools": [{}]}, "apply to"),
+        ({"model": "m", "router": {"policy": "kv", "decode_weight": -1}, "pools": [{}]}, ">= 0"),
+        ({"model": "m", "router": {"policy": "kv", "overlap": 2}, "pools": [{}]}, "unknown router keys"),
+        ({"model": "m", "router": {"policy": "kv", "queued_weight": "2"}, "pools": [{}]}, "numbers"),
     ],
 )
 def test_invalid_specs(data: dict, error: str) -> None:
@@ -73,3 +77,18 @@ def test_disaggregated_spec_from_flags() -> None:
     assert spec.disaggregated and spec.num_workers == 3
     assert [(p.role, p.replicas) for p in spec.pools] == [("prefill", 2), ("decode", 1)]
     assert spec.disagg_min_prompt_tokens == 128 and spec.enforce_disagg
+
+
+def test_kv_policy_from_yaml_and_flags() -> None:
+    data = {"model": "m", "router": {"policy": "kv", "overlap_weight": 20, "queued_weight": 2}, "pools": [{}]}
+    spec = DeploymentSpec.from_dict(data)
+    assert spec.kv_policy == {"overlap_weight": 20.0, "queued_weight": 2.0}
+    ns = _serve_args(
+        "--model", "m", "--router", "kv", "--router-overlap-weight", "20", "--router-decode-weight", "0",
+        "--router-long-prompt-tokens", "8192",
+    )  # fmt: skip
+    spec = spec_from_args(ns)
+    assert spec.kv_policy == {"overlap_weight": 20.0, "decode_weight": 0.0, "long_prompt_tokens": 8192}
+    assert spec_from_args(_serve_args("--model", "m", "--router", "kv")).kv_policy == {}
+    with pytest.raises(ValueError, match="apply to"):
+        spec_from_args(_serve_args("--model", "m", "--router-queued-weight", "2"))

@@ -57,3 +57,16 @@ def test_make_policy_by_name(name: str) -> None:
 def test_unknown_policy_name() -> None:
     with pytest.raises(ValueError, match="unknown router policy"):
         make_policy("fastest")
+
+
+def test_kv_policy_replace_the_tuned_defaults() -> None:
+    from tandem.router.kv_policy import TUNED, KvPolicy
+
+    policy = make_policy("kv", {"overlap_weight": 3.0})
+    assert isinstance(policy, KvPolicy)
+    cfg = policy.router.config.policy
+    assert cfg.overlap_weight == 3.0 and cfg.decode_weight == TUNED.decode_weight
+    with pytest.raises(ValueError, match="apply to"):
+        make_policy("least-loaded", {"overlap_weight": 3.0})
+    with pytest.raises(ValueError, match="unknown router settings"):
+        make_policy("kv", {"prefix_weight": 3.0})

@@ -33,6 +33,19 @@ def test_cost_formula():
     assert costs == {"a": 2.0 * 6 + 7 + 2}
 
 
+def test_long_prompts_follow_the_prefill_queue_not_decode_load():
+    # a: more decode KV, nothing queued; b: no decode KV, 60 blocks of prefill queued.
+    loads = [WorkerLoad("a", 100), WorkerLoad("b", 0, queued_prefill_tokens=60 * 16)]
+    cfg = KvPolicyConfig(long_prompt_tokens=512)
+    assert pick_kv(4, {}, loads, 16, cfg) == "b", "a short prompt still spreads decode KV"
+    assert pick_kv(100, {}, loads, 16, CFG) == "b"
+    assert pick_kv(100, {}, loads, 16, cfg) == "a", "1,600 tokens: decode term x 512/1600"
+    assert cfg.decode_weight_for(1600) == pytest.approx(0.32) and cfg.decode_weight_for(500) == 1.0
+    assert kv_costs(100, {}, loads, 16, cfg) == {"a": pytest.approx(132.0), "b": 160.0}
+    with pytest.raises(ValueError, match="long_prompt_tokens"):
+        KvPolicyConfig(long_prompt_tokens=-1)
+
+
 def test_busy_threshold_sheds_load():
     cfg = KvPolicyConfig(busy_threshold=0.9)
     loads = [WorkerLoad("a", 95, capacity_blocks=100), WorkerLoad("b", 50, capacity_blocks=100)]

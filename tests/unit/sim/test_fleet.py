@@ -87,6 +87,19 @@ def test_routers() -> None:
         make_router("nope")
 
 
+def test_kv_router_fields_from_the_command_line() -> None:
+    from tandem.router.kv_policy import TUNED
+    from tandem.sim.routing import KvSimRouter
+
+    r = make_router("kv", {"overlap_weight": 3.0})
+    assert isinstance(r, KvSimRouter)
+    assert r.config.policy.overlap_weight == 3.0 and r.config.policy.decode_weight == TUNED.decode_weight
+    dyn = make_router("kv-dynamo", {"long_prompt_tokens": 1024})
+    assert isinstance(dyn, KvSimRouter) and dyn.config.policy.decode_weight == 1.0
+    with pytest.raises(ValueError, match="apply to"):
+        make_router("round-robin", {"overlap_weight": 3.0})
+
+
 def test_until_stops_early() -> None:
     rows = [(i * 1000.0, 500, 50) for i in range(10)]
     m = Fleet(FleetConfig(num_workers=1)).run(trace(rows), until=3.5)
