@@ -41,3 +41,12 @@ def cpu_half() -> str:
     if value not in ("upcast", "native"):
         raise ValueError(f"TANDEM_CPU_HALF must be 'upcast' or 'native', got {value!r}")
     return value
+
+
+def pack_weights() -> bool:
+    """TANDEM_PACK_WEIGHTS: "0" stops the built-in engine prepacking its weights for oneDNN on CPU
+    (a second copy of the weights in memory; multi-row matmuls 1.2-1.8x faster). Default "1"."""
+    value = os.environ.get("TANDEM_PACK_WEIGHTS") or "1"
+    if value not in ("0", "1"):
+        raise ValueError(f"TANDEM_PACK_WEIGHTS must be 0 or 1, got {value!r}")
+    return value == "1"

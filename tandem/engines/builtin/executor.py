@@ -40,6 +40,7 @@ from tandem.engines.builtin.sampler import Sampler
 
 log = logging.getLogger(__name__)
 
+
 class BuiltinExecutor:
     def __init__(
         self,
@@ -64,6 +65,7 @@ class BuiltinExecutor:
         t0 = time.perf_counter()
         with torch.inference_mode():
             self.model = DecoderModel.load(model_dir, self.dtype, self.device, config.max_model_len)
+            self.weights_packed = env.pack_weights() and self.model.pack_weights()
         cfg = self.model.cfg
         self.model_config = cfg
         self.max_model_len: int = cfg.max_position_embeddings

@@ -11,8 +11,9 @@ another: a layer is two norms, four matmuls, RoPE and one attention call.
 
 from __future__ import annotations
 
+import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,6 +21,8 @@ import torch.nn.functional as F
 
 from tandem.engines.builtin.attention import AttentionMetadata, paged_attention
 from tandem.engines.builtin.loader import ModelConfig, TensorSource, load_config, open_safetensors
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -35,6 +38,9 @@ class LayerWeights:
     gate_up_bias: torch.Tensor | None
     down: torch.Tensor  # [hidden, intermediate]
     down_bias: torch.Tensor | None
+    packed: dict[str, torch.Tensor] = field(default_factory=dict)
+    """oneDNN-prepacked copies of the matmul weights by field name ("qkv", "o", "gate_up",
+    "down"), for multi-row steps on CPU (see `pack_weights`); empty when not packed."""
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -97,6 +103,7 @@ class DecoderModel:
         self.norm = norm  # [hidden]
         self.lm_head = lm_head  # [vocab, hidden]; the same tensor as `embed` when tied
         self.cos, self.sin = rope_tables(cfg, max_len, embed.dtype, embed.device)
+        self.lm_head_packed: torch.Tensor | None = None
         self.q_size = cfg.num_heads * cfg.head_dim
         self.qk_size = self.q_size + cfg.num_kv_heads * cfg.head_dim
 
@@ -146,7 +153,7 @@ class DecoderModel:
             for w, kv_cache in zip(self.layers, kv_caches, strict=True):
                 gemv.enter(t)
                 x = rms_norm(h, w.input_norm, eps)
-                qkv = F.linear(x, w.qkv, w.qkv_bias)  # [T, (Hq + 2 Hkv) D]
+                qkv = _linear(x, w.qkv, w.qkv_bias, w.packed.get("qkv"))  # [T, (Hq + 2 Hkv) D]
                 # Query and key heads are adjacent columns: norm and rotate them as one [T, Hq + Hkv, D].
                 qk = qkv[:, :qk_size].view(t, -1, head_dim)
                 if w.qk_norm is not None:
@@ -156,21 +163,60 @@ class DecoderModel:
                 gemv.exit()
                 o = paged_attention(qk[:, :num_heads], qk[:, num_heads:], v, kv_cache, attn)  # [T, Hq, D]
                 gemv.enter(t)
-                h = _linear_add(h, o.reshape(t, q_size), w.o, w.o_bias)
+                h = _linear_add(h, o.reshape(t, q_size), w.o, w.o_bias, w.packed.get("o"))
                 x = rms_norm(h, w.post_norm, eps)
-                gate, up = F.linear(x, w.gate_up, w.gate_up_bias).chunk(2, dim=-1)
-                h = _linear_add(h, F.silu(gate) * up, w.down, w.down_bias)
+                gate, up = _linear(x, w.gate_up, w.gate_up_bias, w.packed.get("gate_up")).chunk(2, dim=-1)
+                h = _linear_add(h, F.silu(gate) * up, w.down, w.down_bias, w.packed.get("down"))
             h = rms_norm(h[logits_rows], self.norm, eps)  # only the rows that sample need the head
             gemv.enter(h.shape[0])
-            return F.linear(h, self.lm_head)
+            return _linear(h, self.lm_head, None, self.lm_head_packed)
         finally:
             gemv.exit()
 
+    def pack_weights(self) -> bool:
+        """Prepack every matmul weight for oneDNN (CPU only; the plain tensors stay for one-row
+        steps, which the gemv path serves faster). A packed weight skips the reorder oneDNN does
+        on every call with a plain [N, K] tensor: on an AVX2 EPYC, fp32 [M, 576] x [576, 6144]
+        ran 1.3-1.8x faster at M = 2..32 and 1.15x at M = 256. Costs a second copy of the
+        weights. Returns False, packing nothing, where oneDNN cannot pack this dtype."""
+        if self.embed.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+            return False
+        try:
+            self.lm_head_packed = _pack(self.lm_head)
+            for w in self.layers:
+                w.packed = {name: _pack(getattr(w, name)) for name in ("qkv", "o", "gate_up", "down")}
+        except RuntimeError as e:  # e.g. bf16 without AVX-512: oneDNN refuses to pack it
+            log.info("not prepacking weights: %s", e)
+            self.lm_head_packed = None
+            for w in self.layers:
+                w.packed = {}
+            return False
+        return True
+
+
+def _pack(weight: torch.Tensor) -> torch.Tensor:
+    # The batch-size hint only picks a blocking; measured within ~10% for M = 2..256 here.
+    return torch.ops.mkldnn._reorder_linear_weight(weight, 32)
+
+
+def _linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: torch.Tensor | None
+) -> torch.Tensor:
+    if packed is not None and x.shape[0] > 1:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
 
 def _linear_add(
-    h: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    h: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    packed: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """h + linear(x, weight, bias); without a bias the residual add runs inside the matmul."""
+    """h + linear(x, weight, bias); the residual add runs inside the matmul where it can."""
+    if packed is not None and x.shape[0] > 1:
+        return torch.ops.mkldnn._linear_pointwise.binary(x, h, packed, bias, "add")
     if bias is None:
         return torch.addmm(h, x, weight.t())
     return h + F.linear(x, weight, bias)
