@@ -174,11 +174,12 @@ class DecoderModel:
             gemv.exit()
 
     def pack_weights(self) -> bool:
-        """Prepack every matmul weight for oneDNN (CPU only; the plain tensors stay for one-row
-        steps, which the gemv path serves faster). A packed weight skips the reorder oneDNN does
-        on every call with a plain [N, K] tensor: on an AVX2 EPYC, fp32 [M, 576] x [576, 6144]
-        ran 1.3-1.8x faster at M = 2..32 and 1.15x at M = 256. Costs a second copy of the
-        weights. Returns False, packing nothing, where oneDNN cannot pack this dtype."""
+        """Prepack every matmul weight for oneDNN (CPU only). A packed weight skips the reorder
+        oneDNN does on every call with a plain [N, K] tensor: on an AVX2 EPYC, fp32 [M, 576] x
+        [576, 6144] ran 1.3-1.8x faster at M = 2..32 and 1.15x at M = 256, and a whole fp32
+        one-token decode step ~1.3x faster. One-row steps in bf16/fp16 keep the plain weights
+        (torch's gemv; see `_Gemv`). Costs a second copy of the weights. Returns False, packing
+        nothing, where oneDNN cannot pack this dtype."""
         if self.embed.device.type != "cpu" or not torch.backends.mkldnn.is_available():
             return False
         try:
@@ -202,7 +203,7 @@ def _pack(weight: torch.Tensor) -> torch.Tensor:
 def _linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: torch.Tensor | None
 ) -> torch.Tensor:
-    if packed is not None and x.shape[0] > 1:
+    if packed is not None and (x.shape[0] > 1 or x.dtype == torch.float32):
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
     return F.linear(x, weight, bias)
 
@@ -215,7 +216,7 @@ def _linear_add(
     packed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """h + linear(x, weight, bias); the residual add runs inside the matmul where it can."""
-    if packed is not None and x.shape[0] > 1:
+    if packed is not None and (x.shape[0] > 1 or x.dtype == torch.float32):
         return torch.ops.mkldnn._linear_pointwise.binary(x, h, packed, bias, "add")
     if bias is None:
         return torch.addmm(h, x, weight.t())
