@@ -61,6 +61,10 @@ class KvPolicyConfig:
             raise ValueError("overlap_weight, decode_weight and queued_weight must be >= 0")
         if self.long_prompt_tokens < 0:
             raise ValueError("long_prompt_tokens must be >= 0")
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if self.busy_threshold is not None and not 0 < self.busy_threshold:
+            raise ValueError("busy_threshold must be > 0")
 
     def decode_weight_for(self, num_tokens: int) -> float:
         """decode_weight * s(n) for a prompt of `num_tokens` (see the module docstring)."""
@@ -68,10 +72,6 @@ class KvPolicyConfig:
         if cap <= 0 or num_tokens <= cap:
             return self.decode_weight
         return self.decode_weight * cap / num_tokens
-        if self.temperature < 0:
-            raise ValueError("temperature must be >= 0")
-        if self.busy_threshold is not None and not 0 < self.busy_threshold:
-            raise ValueError("busy_threshold must be > 0")
 
 
 def kv_costs(

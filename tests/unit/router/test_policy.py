@@ -63,3 +63,17 @@ def test_temperature_spreads_choices():
 
 def test_least_loaded():
     assert pick_least_loaded([WorkerLoad("a", active_requests=3), WorkerLoad("b", active_requests=1)]) == "b"
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"overlap_weight": -1}, "must be >= 0"),
+        ({"long_prompt_tokens": -1}, "long_prompt_tokens"),
+        ({"temperature": -0.5}, "temperature"),
+        ({"busy_threshold": 0}, "busy_threshold"),
+    ],
+)
+def test_bad_policy_settings_are_clear_errors(fields, message):
+    with pytest.raises(ValueError, match=message):
+        KvPolicyConfig(**fields)
