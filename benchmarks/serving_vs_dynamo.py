@@ -39,6 +39,8 @@ ENGINE = {"block_size": 64, "num_blocks": 16384, "max_num_seqs": 256, "max_num_b
 # (speedup, concurrency) -> (measured requests, warmup): a few seconds to ~30 s per point.
 COUNTS = {1: {1: (40, 4), 16: (320, 32), 64: (1280, 128)}}
 STRESS_COUNTS = {1: (1500, 100), 16: (4000, 200), 64: (6000, 300)}
+TANDEM_SYSTEMS = {"tandem-rr": "round-robin", "tandem-ll": "least-loaded", "tandem-kv": "kv"}
+"""Tandem rows by name -> the router policy they run."""
 SLOW_STOCK_C1 = 5  # stock Dynamo waits ~40 ms per chunk on Nagle at c=1: fewer requests, same shape
 
 
@@ -75,7 +77,8 @@ class Deployment:
                 p.wait()
 
 
-def start_tandem(args: argparse.Namespace, speedup: float, router: str, logdir: Path) -> Deployment:
+def start_tandem(args: argparse.Namespace, speedup: float, name: str, logdir: Path) -> Deployment:
+    router = TANDEM_SYSTEMS[name]
     cmd = [str(REPO / ".venv/bin/tandem"), "--log-level", "WARNING", "serve", "--model", args.model]
     cmd += ["--served-model-name", "tiny", "--engine", "sim", "--workers", "2", "--port", str(args.port)]
     cmd += ["--speedup", str(speedup), "--router", router]
@@ -83,7 +86,6 @@ def start_tandem(args: argparse.Namespace, speedup: float, router: str, logdir: 
         cmd += [f"--{k.replace('_', '-')}", str(v)]
     log = open(logdir / f"tandem-{router}-{speedup:g}.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    name = {"round-robin": "tandem-rr", "least-loaded": "tandem-ll", "kv": "tandem-kv"}[router]
     return Deployment(name, {"frontend": proc}, f"http://127.0.0.1:{args.port}")
 
 
@@ -289,8 +291,7 @@ def main() -> int:
             order = systems if rnd % 2 == 0 else systems[::-1]  # neither side always runs first
             for s in order:
                 if s.startswith("tandem"):
-                    policy = {"tandem-rr": "round-robin", "tandem-ll": "least-loaded", "tandem-kv": "kv"}[s]
-                    dep = start_tandem(args, sp, policy, out_dir)
+                    dep = start_tandem(args, sp, s, out_dir)
                 else:
                     dep = start_dynamo(args, sp, s == "dynamo-nodelay", out_dir)
                 try:

@@ -147,15 +147,13 @@ ROUTERS: dict[str, Callable[[], Router]] = {
 def make_router(name: str, kv_policy: Mapping[str, float] | None = None) -> Router:
     """A fresh router by CLI name; `kv_policy` fields replace the KV routers' weights (`kv`,
     `kv-approx`: the tuned ones; `kv-dynamo`: Dynamo's defaults)."""
-    if kv_policy:
-        from tandem.router.policy import KvPolicyConfig
-
-        bases = {"kv": TUNED, "kv-approx": TUNED, "kv-dynamo": KvPolicyConfig()}
-        if name not in bases:
-            raise ValueError(f"router weights apply to {', '.join(bases)}, not {name!r}")
-        ttl = APPROX_TTL_S if name == "kv-approx" else None
-        return KvSimRouter(KvRouterConfig(policy=replace(bases[name], **kv_policy), approx_ttl=ttl))
     try:
-        return ROUTERS[name]()
+        router = ROUTERS[name]()
     except KeyError:
         raise ValueError(f"unknown router {name!r}; known: {', '.join(sorted(ROUTERS))}") from None
+    if not kv_policy:
+        return router
+    if not isinstance(router, KvSimRouter):
+        raise ValueError(f"router weights apply to the KV routers only, not {name!r}")
+    config = router.config
+    return KvSimRouter(replace(config, policy=replace(config.policy, **kv_policy)))

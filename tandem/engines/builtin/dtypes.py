@@ -12,13 +12,9 @@ twice the memory. TANDEM_CPU_HALF=native keeps the emulated type (e.g. to fit me
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from tandem import env
-
-log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -38,12 +34,4 @@ def compute_dtype(requested: str, device: str | torch.device) -> str:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {requested!r}")
     if torch.device(device).type != "cpu" or cpu_has_arithmetic(requested):
         return requested
-    if env.cpu_half() == "native":
-        return requested
-    log.info(
-        "this CPU has no %s arithmetic (emulated ~2-4x slower than float32): computing in float32 "
-        "(set TANDEM_CPU_HALF=native to keep %s)",
-        requested,
-        requested,
-    )
-    return "float32"
+    return requested if env.cpu_half() == "native" else "float32"

@@ -58,8 +58,16 @@ class BuiltinExecutor:
         (`dtypes.compute_dtype`), and `self.dtype` says what it runs in."""
         self.config = config
         self.device = torch.device(device)
-        dtype = compute_dtype(dtype, self.device)
-        self.dtype = DTYPES[dtype]
+        ran = compute_dtype(dtype, self.device)
+        if ran != dtype:
+            log.info(
+                "this CPU has no %s arithmetic (emulated, several times slower than float32): "
+                "computing in %s (TANDEM_CPU_HALF=native keeps %s)",
+                dtype,
+                ran,
+                dtype,
+            )
+        self.dtype = DTYPES[ran]
         self.block_size = config.block_size
         _configure_threads(self.device, num_threads)
         t0 = time.perf_counter()

@@ -200,10 +200,15 @@ def _pack(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight, 32)
 
 
+def _use_packed(packed: torch.Tensor | None, x: torch.Tensor) -> bool:
+    # One-row bf16/fp16 products stay on torch's gemv (`_Gemv`); everything else on the packed weight.
+    return packed is not None and (x.shape[0] > 1 or x.dtype == torch.float32)
+
+
 def _linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: torch.Tensor | None
 ) -> torch.Tensor:
-    if packed is not None and (x.shape[0] > 1 or x.dtype == torch.float32):
+    if _use_packed(packed, x):
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
     return F.linear(x, weight, bias)
 
@@ -216,7 +221,7 @@ def _linear_add(
     packed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """h + linear(x, weight, bias); the residual add runs inside the matmul where it can."""
-    if packed is not None and (x.shape[0] > 1 or x.dtype == torch.float32):
+    if _use_packed(packed, x):
         return torch.ops.mkldnn._linear_pointwise.binary(x, h, packed, bias, "add")
     if bias is None:
         return torch.addmm(h, x, weight.t())
