@@ -21,12 +21,16 @@ import time
 from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from operator import attrgetter
 from typing import Any
+
+import numpy as np
 
 from tandem.protocol.kv_events import BlockRemoved, BlockStored, KvCacheDump, KvEvent
 from tandem.router.indexer import KvIndexer
 from tandem.router.load import ActiveSequences
-from tandem.router.policy import KvPolicyConfig, WorkerLoad, pick_kv
+from tandem.router.policy import KvPolicyConfig, WorkerLoad, pick_kv_arrays
+from tandem.router.slots import WorkerSlots
 
 
 @dataclass(frozen=True)
@@ -97,16 +101,21 @@ class RouterMetrics:
 class KvRouter:
     def __init__(self, config: KvRouterConfig | None = None) -> None:
         self.config = config or KvRouterConfig()
-        self.indexer = KvIndexer()
+        self.slots = WorkerSlots()
+        self.indexer = KvIndexer(self.slots)
         self.active = ActiveSequences(self.config.active_ttl)
         self.metrics = RouterMetrics()
         self._rng = random.Random(self.config.seed)
         self._predicted: deque[tuple[float, str, list[int]]] = deque()
         self._predicted_until: dict[tuple[str, int], float] = {}
         self._synthetic_ids: Counter[str] = Counter()
-        self._views: dict[str, WorkerLoad] = {}
-        """Each worker's load as a WorkerLoad, rebuilt only when it changes (a fleet of 1,000
-        workers would otherwise build 1,000 objects per decision)."""
+        # Each worker's load at index `slot`, refreshed for the workers whose load changed since the
+        # last decision (`_dirty`), so a decision over 1,000 workers is a few array operations.
+        self._load_blocks = np.zeros(0, np.int64)
+        self._load_queued = np.zeros(0, np.int64)
+        self._overlap = np.zeros(0, np.int64)
+        self._dirty: set[str] = set()
+        self._candidates: tuple[tuple[str, ...], np.ndarray] = ((), np.zeros(0, np.intp))
 
     @property
     def approximate(self) -> bool:
@@ -130,7 +139,7 @@ class KvRouter:
         router's own count (fresher than any report). `overrides` are `KvPolicyConfig` fields for
         this request only (e.g. {"overlap_weight": 0}). `kv_transferred`: the prompt's KV arrives
         from a prefill worker (a disaggregated decode leg), so it is placed by load alone and
-        brings no prefill work.
+        brings no prefill work; `block_hashes` is then not read (may be empty).
         `block_size` (default: the config's) is the candidates' block size, which `block_hashes`
         were computed with.
         """
@@ -139,23 +148,36 @@ class KvRouter:
         bs = block_size or cfg.block_size
         policy = replace(cfg.policy, **overrides) if overrides else cfg.policy
         if self.active.expire(now):
-            self._views.clear()
+            self._dirty.update(self._candidates[0])
         if self.approximate:
             self._expire_predictions(now)
-        overlaps = {} if kv_transferred else self.indexer.find_matches(block_hashes)
-        views = self._views
-        loads = []
-        for c in candidates:
-            view = views.get(c.worker_id)
-            if view is None or view.capacity_blocks != c.capacity_blocks:
-                view = views[c.worker_id] = self._view(c.worker_id, c.capacity_blocks)
-            loads.append(view)
-        n = len(block_hashes)
-        chosen = pick_kv(n, overlaps, loads, bs, policy, self._rng)
-        if chosen is None:
+        ids, slots = self._candidate_slots(candidates)
+        self._sync_loads()
+        if kv_transferred:
+            overlap_of = np.zeros(len(slots), np.int64)
+        else:
+            self.indexer.overlaps(block_hashes, self._overlap)
+            overlap_of = self._overlap[slots]
+        capacity = None
+        if policy.busy_threshold is not None:
+            capacity = np.fromiter(map(attrgetter("capacity_blocks"), candidates), np.int64, len(ids))
+        n = num_tokens // bs if kv_transferred else len(block_hashes)  # full blocks
+        i = pick_kv_arrays(
+            n,
+            overlap_of,
+            self._load_blocks[slots],
+            self._load_queued[slots],
+            capacity,
+            ids,
+            bs,
+            policy,
+            self._rng,
+        )
+        if i is None:
             self.metrics.shed += 1
             return None
-        overlap = min(overlaps.get(chosen, 0), n)
+        chosen = ids[i]
+        overlap = min(int(overlap_of[i]), n)
         # The engine always computes the last prompt token, even on a full hit.
         prefill = 0 if kv_transferred else max(1, num_tokens - overlap * bs)
         num_blocks = -(-num_tokens // bs)
@@ -198,7 +220,13 @@ class KvRouter:
         """Purge a worker that left: its index entries and the requests counted on it."""
         self.indexer.remove_worker(worker)
         self.active.remove_worker(worker)
-        self._touch(worker)
+        s = self.slots.get(worker)
+        if s is not None:  # free its slot for the next worker: clear what is stored there
+            if s < len(self._load_blocks):
+                self._load_blocks[s] = self._load_queued[s] = 0
+            self.slots.release(worker)
+            self._candidates = ((), self._candidates[1][:0])
+        self._dirty.discard(worker)
         self._synthetic_ids.pop(worker, None)
         self._predicted_until = {k: v for k, v in self._predicted_until.items() if k[0] != worker}
 
@@ -212,18 +240,32 @@ class KvRouter:
 
     def _touch(self, worker: str | None) -> None:
         if worker is not None:
-            self._views.pop(worker, None)
+            self._dirty.add(worker)
 
-    def _view(self, worker: str, capacity_blocks: int) -> WorkerLoad:
-        a = self.active
-        blocks = a.decode_blocks(worker) if self.config.decode_load_only else a.active_blocks(worker)
-        return WorkerLoad(
-            worker_id=worker,
-            active_blocks=blocks,
-            queued_prefill_tokens=a.queued_prefill_tokens(worker),
-            active_requests=a.active_requests(worker),
-            capacity_blocks=capacity_blocks,
-        )
+    def _candidate_slots(self, candidates: Sequence[WorkerLoad]) -> tuple[tuple[str, ...], np.ndarray]:
+        """The candidates' ids and slots; cached, since the candidate list rarely changes."""
+        ids = tuple(map(attrgetter("worker_id"), candidates))
+        if ids != self._candidates[0]:
+            slots = np.fromiter(map(self.slots.slot, ids), np.intp, len(ids))
+            self._dirty.update(ids)
+            self._candidates = (ids, slots)
+        if len(self._load_blocks) < len(self.slots):  # new workers (candidates, or KV events)
+            size = max(len(self.slots), 2 * len(self._load_blocks))
+            for name in ("_load_blocks", "_load_queued"):
+                old = getattr(self, name)
+                setattr(self, name, np.concatenate([old, np.zeros(size - len(old), np.int64)]))
+            self._overlap = np.zeros(size, np.int64)
+        return self._candidates
+
+    def _sync_loads(self) -> None:
+        a, slot = self.active, self.slots.get
+        decode_only = self.config.decode_load_only
+        for w in self._dirty:
+            s = slot(w)
+            if s is not None:
+                self._load_blocks[s] = a.decode_blocks(w) if decode_only else a.active_blocks(w)
+                self._load_queued[s] = a.queued_prefill_tokens(w)
+        self._dirty.clear()
 
     def _predict(self, worker: str, hashes: list[int], now: float, block_size: int) -> None:
         assert self.config.approx_ttl is not None

@@ -87,7 +87,8 @@ class KvPolicy:
         decode_leg = bool(request.kv_transfer_params and "remote_handle" in request.kv_transfer_params)
         # Candidates serve one model, so they share a block size (registration checks the layout).
         bs = self._block_sizes.get(candidates[0].worker_id, self.router.config.block_size)
-        hashes = block_hashes(request.prompt_token_ids, bs)
+        # A decode leg's KV arrives from the prefill worker: it is placed by load, no hashes needed.
+        hashes = [] if decode_leg else block_hashes(request.prompt_token_ids, bs)
         decision = self.router.route(
             request.request_id,
             hashes,

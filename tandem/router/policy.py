@@ -23,10 +23,11 @@ re-prefilling prefixes that another worker holds.
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -81,16 +82,10 @@ def kv_costs(
     block_size: int,
     config: KvPolicyConfig,
 ) -> dict[str, float]:
-    costs = {}
-    dw = config.decode_weight_for(num_request_blocks * block_size)
-    for load in loads:
-        prefill_blocks = num_request_blocks - min(overlaps.get(load.worker_id, 0), num_request_blocks)
-        costs[load.worker_id] = (
-            config.overlap_weight * prefill_blocks
-            + dw * load.active_blocks
-            + config.queued_weight * load.queued_prefill_tokens / block_size
-        )
-    return costs
+    """Each worker's cost (the module docstring's formula), by worker id."""
+    arrays = _arrays(overlaps, loads)
+    costs = _costs(num_request_blocks, arrays[0], arrays[1], arrays[2], block_size, config)
+    return {w.worker_id: float(c) for w, c in zip(loads, costs, strict=True)}
 
 
 def available(loads: Sequence[WorkerLoad], busy_threshold: float | None) -> list[WorkerLoad]:
@@ -111,31 +106,84 @@ def pick_kv(
     rng: random.Random | None = None,
 ) -> str | None:
     """The KV-aware choice, or None when every worker is past the busy threshold."""
-    candidates = available(loads, config.busy_threshold)
-    if not candidates:
-        return None
-    if config.temperature <= 0 or len(candidates) == 1:
-        # One pass, no intermediate dicts: this runs over every worker of the fleet per request.
-        n = num_request_blocks
-        ow, qw = config.overlap_weight, config.queued_weight
-        dw = config.decode_weight_for(n * block_size)
-        best: tuple[float, float] | None = None
-        tied: list[str] = []
-        for w in candidates:
-            left = n - min(overlaps.get(w.worker_id, 0), n)
-            queued = w.queued_prefill_tokens / block_size
-            key = (ow * left + dw * w.active_blocks + qw * queued, w.active_blocks + queued)
-            if best is None or key < best:
-                best, tied = key, [w.worker_id]
-            elif key == best:
-                tied.append(w.worker_id)
-        # Ties: a seeded random choice spreads an idle fleet; without an rng the lowest id is stable.
-        return min(tied) if rng is None or len(tied) == 1 else rng.choice(sorted(tied))
-    costs = kv_costs(num_request_blocks, overlaps, candidates, block_size, config)
-    lo = min(costs.values())
-    spread = max(max(costs.values()) - lo, 1.0)
-    weights = [math.exp(-(costs[w.worker_id] - lo) / (spread * config.temperature)) for w in candidates]
-    return (rng or random).choices([w.worker_id for w in candidates], weights=weights)[0]
+    overlap, active, queued, capacity = _arrays(overlaps, loads)
+    ids = [w.worker_id for w in loads]
+    i = pick_kv_arrays(num_request_blocks, overlap, active, queued, capacity, ids, block_size, config, rng)
+    return None if i is None else ids[i]
+
+
+def pick_kv_arrays(
+    num_request_blocks: int,
+    overlap: np.ndarray,
+    active_blocks: np.ndarray,
+    queued_tokens: np.ndarray,
+    capacity_blocks: np.ndarray | None,
+    ids: Sequence[str],
+    block_size: int,
+    config: KvPolicyConfig,
+    rng: random.Random | None = None,
+) -> int | None:
+    """`pick_kv` over arrays (one entry per candidate, named by `ids`): the index of the choice.
+
+    The KV router scores its whole fleet this way, a few array operations per decision instead of
+    a Python loop over every worker. `capacity_blocks` may be None when no busy threshold is set.
+    """
+    ok: np.ndarray | None = None
+    if config.busy_threshold is not None:
+        assert capacity_blocks is not None, "a busy threshold needs the capacities"
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ok = (capacity_blocks <= 0) | (active_blocks / capacity_blocks < config.busy_threshold)
+        if not ok.any():
+            return None
+    costs = _costs(num_request_blocks, overlap, active_blocks, queued_tokens, block_size, config)
+    if ok is not None:
+        costs = np.where(ok, costs, np.inf)
+    if config.temperature <= 0 or (ok is None and len(ids) == 1) or (ok is not None and ok.sum() == 1):
+        # Ties on cost go to the least loaded (active blocks + queued blocks), then a seeded random
+        # choice (spreads an idle fleet); without an rng the lowest id is stable.
+        tied = np.flatnonzero(costs == costs.min())
+        if len(tied) > 1:
+            load = active_blocks[tied] + queued_tokens[tied] / block_size
+            tied = tied[load == load.min()]
+        if len(tied) == 1:
+            return int(tied[0])
+        by_id = {ids[int(i)]: int(i) for i in tied}
+        return by_id[min(by_id) if rng is None else rng.choice(sorted(by_id))]
+    finite = np.flatnonzero(np.isfinite(costs))
+    c = costs[finite]
+    lo = c.min()
+    spread = max(float(c.max() - lo), 1.0)
+    weights = np.exp(-(c - lo) / (spread * config.temperature))
+    return int((rng or random).choices(finite.tolist(), weights=weights.tolist())[0])
+
+
+def _costs(
+    n: int,
+    overlap: np.ndarray,
+    active_blocks: np.ndarray,
+    queued_tokens: np.ndarray,
+    block_size: int,
+    config: KvPolicyConfig,
+) -> np.ndarray:
+    left = n - np.minimum(overlap, n)
+    dw = config.decode_weight_for(n * block_size)
+    return (
+        config.overlap_weight * left
+        + dw * active_blocks
+        + config.queued_weight * (queued_tokens / block_size)
+    )
+
+
+def _arrays(
+    overlaps: Mapping[str, int], loads: Sequence[WorkerLoad]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    n = len(loads)
+    return (
+        np.fromiter((overlaps.get(w.worker_id, 0) for w in loads), np.int64, n),
+        np.fromiter((w.active_blocks for w in loads), np.int64, n),
+        np.fromiter((w.queued_prefill_tokens for w in loads), np.int64, n),
+        np.fromiter((w.capacity_blocks for w in loads), np.int64, n),
+    )
 
 
 def pick_round_robin(loads: Sequence[WorkerLoad], counter: int) -> str:
