@@ -40,7 +40,8 @@ ENGINE = {"block_size": 64, "num_blocks": 16384, "max_num_seqs": 256, "max_num_b
 COUNTS = {1: {1: (40, 4), 16: (320, 32), 64: (1280, 128)}}
 STRESS_COUNTS = {1: (1500, 100), 16: (4000, 200), 64: (6000, 300)}
 TANDEM_SYSTEMS = {"tandem-rr": "round-robin", "tandem-ll": "least-loaded", "tandem-kv": "kv"}
-"""Tandem rows by name -> the router policy they run."""
+"""Tandem rows by name -> the router policy they run. A suffix `:dF` (e.g. `tandem-rr:d0.5`) runs
+the workers with `--scheduler-delay-factor F`."""
 SLOW_STOCK_C1 = 5  # stock Dynamo waits ~40 ms per chunk on Nagle at c=1: fewer requests, same shape
 
 
@@ -78,13 +79,16 @@ class Deployment:
 
 
 def start_tandem(args: argparse.Namespace, speedup: float, name: str, logdir: Path) -> Deployment:
-    router = TANDEM_SYSTEMS[name]
+    base, _, delay = name.partition(":d")
+    router = TANDEM_SYSTEMS[base]
     cmd = [str(REPO / ".venv/bin/tandem"), "--log-level", "WARNING", "serve", "--model", args.model]
     cmd += ["--served-model-name", "tiny", "--engine", "sim", "--workers", "2", "--port", str(args.port)]
     cmd += ["--speedup", str(speedup), "--router", router]
     for k, v in ENGINE.items():
         cmd += [f"--{k.replace('_', '-')}", str(v)]
-    log = open(logdir / f"tandem-{router}-{speedup:g}.log", "w")
+    if delay:
+        cmd += ["--scheduler-delay-factor", delay]
+    log = open(logdir / f"tandem-{router}-{delay or 0}-{speedup:g}.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     return Deployment(name, {"frontend": proc}, f"http://127.0.0.1:{args.port}")
 

@@ -63,6 +63,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-num-seqs", type=int, default=None)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument(
+        "--scheduler-delay-factor",
+        type=float,
+        default=None,
+        help="workers: while decoding, batch new prompts into one prefill step (vLLM's knob)",
+    )
+    p.add_argument(
         "--registry-port",
         type=int,
         default=0,
@@ -75,17 +81,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def spec_from_args(args: argparse.Namespace) -> DeploymentSpec:
-    from tandem.deploy.spec import DeploymentSpec, PoolSpec
+    from tandem.deploy.spec import ENGINE_ARGS, DeploymentSpec, PoolSpec
 
     if args.file:
         return DeploymentSpec.from_yaml(args.file)
     if not args.model:
         raise ValueError("give --model DIR or -f DEPLOYMENT.yaml")
-    engine_args = {
-        k: getattr(args, k)
-        for k in ("num_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens")
-        if getattr(args, k) is not None
-    }
+    engine_args = {k: getattr(args, k) for k in ENGINE_ARGS if getattr(args, k, None) is not None}
 
     def pool(name: str, role: str, replicas: int) -> PoolSpec:
         return PoolSpec(

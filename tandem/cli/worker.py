@@ -42,6 +42,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument(
+        "--scheduler-delay-factor",
+        type=float,
+        default=0.0,
+        help="while decoding, hold new prompts until the oldest waited this many prompt-step times",
+    )
     p.add_argument("--lease-ttl", type=float, default=3.0, help="seconds without heartbeat before expiry")
     p.add_argument("--drain-timeout", type=float, default=30.0)
     p.add_argument(
@@ -70,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens,
             max_model_len=args.max_model_len,
+            scheduler_delay_factor=args.scheduler_delay_factor,
         ),
         dtype=args.dtype,
         device=args.device,

@@ -21,7 +21,14 @@ from tandem.engines.factory import ENGINES
 from tandem.router.basic import KV_POLICIES, KV_POLICY_FIELDS, POLICIES, check_kv_policy
 
 ROLES = ("agg", "prefill", "decode")
-ENGINE_ARGS = ("block_size", "num_blocks", "max_num_seqs", "max_num_batched_tokens", "max_model_len")
+ENGINE_ARGS = (
+    "block_size",
+    "num_blocks",
+    "max_num_seqs",
+    "max_num_batched_tokens",
+    "max_model_len",
+    "scheduler_delay_factor",
+)
 
 
 @dataclass(frozen=True)
@@ -38,7 +45,7 @@ class PoolSpec:
     device: str = "cpu"
     hardware: dict[str, Any] = field(default_factory=dict)
     """What the pool needs (device type, count, memory): informational until a scheduler uses it."""
-    engine_args: dict[str, int] = field(default_factory=dict)
+    engine_args: dict[str, float] = field(default_factory=dict)
     """EngineConfig fields passed as worker flags (block_size, num_blocks, ...)."""
     kv_hold_timeout: float = 120.0
     """Prefill workers: free KV blocks that no decode worker read within this many seconds."""

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +62,7 @@ class EngineCore:
             self.max_model_len,
             executor.eos_token_ids,
             connector[0] if connector else None,
+            clock=_clock_of(executor),
         )
         self.event_sink = event_sink
         self.num_steps = 0
@@ -170,3 +173,10 @@ class EngineCore:
             num_steps=self.num_steps,
             busy_seconds_total=self.busy_seconds_total,
         )
+
+
+def _clock_of(executor: Executor) -> Callable[[], float]:
+    """The executor's clock if it keeps one (the simulator's may be virtual), else the monotonic one."""
+    clock = getattr(executor, "clock", None)
+    now = getattr(clock, "now", None)
+    return now if callable(now) else time.monotonic

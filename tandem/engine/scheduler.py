@@ -12,7 +12,9 @@ prefix hit) and it goes back to the front of the queue with its tokens so far. N
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
+from collections.abc import Callable
 
 from tandem.engine.config import EngineConfig
 from tandem.engine.connector import ExternalMatch, KVConnectorScheduler
@@ -32,7 +34,9 @@ class Scheduler:
         max_model_len: int,
         eos_token_ids: tuple[int, ...] = (),
         connector: KVConnectorScheduler | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`clock` times `scheduler_delay_factor` (the simulator passes its virtual clock)."""
         self.config = config
         self.kv = kv
         self.max_model_len = max_model_len
@@ -51,6 +55,12 @@ class Scheduler:
         self.num_preemptions = 0
         self.prompt_tokens_total = 0
         self.cached_tokens_total = 0
+        self._clock = clock
+        self._arrivals: dict[str, float] = {}
+        """When each waiting request reached this scheduler (for the delay factor)."""
+        self._last_step_time: float | None = None
+        self._last_step_admitted = False
+        self._last_prompt_seconds = 0.0
 
     @property
     def num_unfinished(self) -> int:
@@ -60,6 +70,8 @@ class Scheduler:
         assert request.request_id not in self.requests, f"duplicate request id {request.request_id}"
         self.requests[request.request_id] = request
         self.waiting.append(request)
+        if self.config.scheduler_delay_factor:
+            self._arrivals[request.request_id] = self._clock()
 
     def abort(self, request_id: str) -> bool:
         """Stop a request wherever it is and free its blocks. False if it is unknown or done."""
@@ -78,6 +90,7 @@ class Scheduler:
             return True
         else:
             self.waiting.remove(req)
+            self._arrivals.pop(request_id, None)
         req.status = RequestStatus.FINISHED_ABORTED
         self._finish(req)
         self._aborted_outputs.append(self._output(req, []))
@@ -108,8 +121,10 @@ class Scheduler:
                 budget -= n
                 i += 1
 
-        if not preempted:
-            budget = self._admit_waiting(out, budget)
+        if not preempted and self._prompts_may_start():
+            left = self._admit_waiting(out, budget)
+            self._last_step_admitted = left < budget
+            budget = left
 
         out.num_batched_tokens = self.config.max_num_batched_tokens - budget
         out.preempted_request_ids = preempted
@@ -117,6 +132,21 @@ class Scheduler:
         if self.connector is not None:
             out.connector_meta = self.connector.build_meta()
         return out
+
+    def _prompts_may_start(self) -> bool:
+        """The delay factor's gate (always open when it is 0 or nothing is decoding)."""
+        factor = self.config.scheduler_delay_factor
+        if not factor:
+            return True
+        now = self._clock()
+        if self._last_step_admitted and self._last_step_time is not None:
+            self._last_prompt_seconds = now - self._last_step_time
+        self._last_step_time, self._last_step_admitted = now, False
+        if not self.running or not self.waiting:
+            return True
+        oldest = self._arrivals.get(self.waiting[0].request_id)
+        # A preempted request, or one whose KV a peer loaded, resumes at once.
+        return oldest is None or now - oldest >= factor * self._last_prompt_seconds
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
@@ -138,6 +168,7 @@ class Scheduler:
             if new_blocks is None:
                 break
             self.waiting.popleft()
+            self._arrivals.pop(req.request_id, None)
             if req.num_cached_tokens < 0:
                 req.num_cached_tokens = hit.num_tokens + ext.num_tokens
                 self.prompt_tokens_total += req.num_prompt_tokens

@@ -221,3 +221,55 @@ def test_connector_supplies_leading_tokens_and_holds_blocks_for_a_peer():
     assert conn.allocated["d"][1] == 8
     assert outs[0].kv_transfer_params == {"blocks": conn.allocated["d"][0]}
     assert core.kv.num_used_blocks == 0, "the peer reported the blocks read, so they are free"
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def now(self) -> float:
+        return self.t
+
+
+def _admitted(ex: FakeExecutor) -> list[str]:
+    """Ids whose prompt the last step started."""
+    step = ex.steps[-1]
+    return sorted(s.request.request_id for s in step.scheduled if s.start == 0)
+
+
+def test_delay_factor_batches_arrivals_into_one_prefill_step_while_decoding():
+    ex = FakeExecutor(64)
+    clock = ex.clock = _Clock()  # the core times the delay on the executor's clock, as the sim's
+    core = EngineCore(EngineConfig(block_size=4, scheduler_delay_factor=1.0), ex)
+    core.add_request([1, 2, 3, 4, 5], GREEDY, request_id="a")
+    core.step()  # t=0: nothing decoding, so the prompt starts at once
+    assert _admitted(ex) == ["a"]
+    clock.t = 10.0  # that prompt step took 10 s
+    core.step()
+    core.add_request([6, 7, 8], GREEDY, request_id="b")
+    clock.t = 12.0
+    core.step()
+    assert _admitted(ex) == [], "b waited 2 s < 1.0 x 10 s: a decodes alone"
+    core.add_request([9, 10, 11], GREEDY, request_id="c")
+    clock.t = 20.0
+    core.step()
+    assert _admitted(ex) == ["b", "c"], "both arrivals share one prefill step"
+    assert set(run(core)) >= {"a", "b", "c"}
+
+
+def test_without_delay_factor_or_decodes_prompts_start_at_once():
+    core, ex, _ = make_core()
+    core.add_request([1, 2, 3], GREEDY, request_id="a")
+    core.step()
+    core.add_request([4, 5, 6], GREEDY, request_id="b")
+    core.step()
+    assert _admitted(ex) == ["b"]
+    core, ex, _ = make_core(scheduler_delay_factor=5.0)
+    core.add_request([1, 2, 3], GREEDY, request_id="a")
+    core.step()
+    assert _admitted(ex) == ["a"], "an idle engine never waits"
+
+
+def test_delay_factor_is_validated():
+    with pytest.raises(ValueError, match="scheduler_delay_factor"):
+        EngineConfig(scheduler_delay_factor=-1)
