@@ -115,7 +115,8 @@ class KvRouter:
         self._load_queued = np.zeros(0, np.int64)
         self._overlap = np.zeros(0, np.int64)
         self._dirty: set[str] = set()
-        self._candidates: tuple[tuple[str, ...], np.ndarray] = ((), np.zeros(0, np.intp))
+        self._slots_of: dict[tuple[str, ...], np.ndarray] = {}
+        """Candidate lists seen (ids -> slots): a disaggregated router alternates two."""
 
     @property
     def approximate(self) -> bool:
@@ -147,8 +148,7 @@ class KvRouter:
         cfg = self.config
         bs = block_size or cfg.block_size
         policy = replace(cfg.policy, **overrides) if overrides else cfg.policy
-        if self.active.expire(now):
-            self._dirty.update(self._candidates[0])
+        self._dirty.update(self.active.expire(now))
         if self.approximate:
             self._expire_predictions(now)
         ids, slots = self._candidate_slots(candidates)
@@ -225,7 +225,7 @@ class KvRouter:
             if s < len(self._load_blocks):
                 self._load_blocks[s] = self._load_queued[s] = 0
             self.slots.release(worker)
-            self._candidates = ((), self._candidates[1][:0])
+            self._slots_of.clear()
         self._dirty.discard(worker)
         self._synthetic_ids.pop(worker, None)
         self._predicted_until = {k: v for k, v in self._predicted_until.items() if k[0] != worker}
@@ -243,19 +243,21 @@ class KvRouter:
             self._dirty.add(worker)
 
     def _candidate_slots(self, candidates: Sequence[WorkerLoad]) -> tuple[tuple[str, ...], np.ndarray]:
-        """The candidates' ids and slots; cached, since the candidate list rarely changes."""
+        """The candidates' ids and slots; cached, since the candidate lists rarely change."""
         ids = tuple(map(attrgetter("worker_id"), candidates))
-        if ids != self._candidates[0]:
-            slots = np.fromiter(map(self.slots.slot, ids), np.intp, len(ids))
-            self._dirty.update(ids)
-            self._candidates = (ids, slots)
+        slots = self._slots_of.get(ids)
+        if slots is None:
+            if len(self._slots_of) >= 16:  # membership churn: start over rather than grow
+                self._slots_of.clear()
+            slots = self._slots_of[ids] = np.fromiter(map(self.slots.slot, ids), np.intp, len(ids))
+            self._dirty.update(ids)  # first sight of this list: read every load fresh
         if len(self._load_blocks) < len(self.slots):  # new workers (candidates, or KV events)
             size = max(len(self.slots), 2 * len(self._load_blocks))
             for name in ("_load_blocks", "_load_queued"):
                 old = getattr(self, name)
                 setattr(self, name, np.concatenate([old, np.zeros(size - len(old), np.int64)]))
             self._overlap = np.zeros(size, np.int64)
-        return self._candidates
+        return ids, slots
 
     def _sync_loads(self) -> None:
         a, slot = self.active, self.slots.get

@@ -91,15 +91,16 @@ class ActiveSequences:
             del self._seqs[rid]
         self._workers.pop(worker, None)
 
-    def expire(self, now: float) -> int:
-        """Free entries older than `ttl`. Returns how many. Cheap when nothing is due."""
+    def expire(self, now: float) -> set[str]:
+        """Free entries older than `ttl`. Returns the workers whose load changed (usually none:
+        cheap when nothing is due)."""
         if now < self._next_expiry:
-            return 0
-        due = [rid for rid, s in self._seqs.items() if s.expires <= now]
-        for rid in due:
+            return set()
+        due = [(rid, s.worker) for rid, s in self._seqs.items() if s.expires <= now]
+        for rid, _ in due:
             self.free(rid)
         self._next_expiry = min((s.expires for s in self._seqs.values()), default=float("inf"))
-        return len(due)
+        return {w for _, w in due}
 
     def active_blocks(self, worker: str) -> int:
         w = self._workers.get(worker)

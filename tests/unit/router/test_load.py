@@ -28,8 +28,8 @@ def test_expiry_and_worker_removal():
     a = ActiveSequences(ttl=10)
     a.add("old", "w0", 5, 5, now=0.0)
     a.add("new", "w1", 7, 7, now=8.0)
-    assert a.expire(9.0) == 0
-    assert a.expire(10.0) == 1
+    assert a.expire(9.0) == set()
+    assert a.expire(10.0) == {"w0"}, "the workers whose load changed"
     assert a.active_blocks("w0") == 0 and a.active_blocks("w1") == 7
     a.remove_worker("w1")
     assert a.active_blocks("w1") == 0 and len(a) == 0

@@ -78,3 +78,20 @@ def test_array_policy_equals_the_per_worker_loop():
         seed = gen.random()
         want = _reference_pick(n, overlaps, loads, 16, cfg, random.Random(seed))
         assert pick_kv(n, overlaps, loads, 16, cfg, random.Random(seed)) == want
+
+
+def test_alternating_candidate_lists_and_expiry_keep_loads_exact():
+    """A disaggregated router alternates prefill and decode candidates, and expiry frees load on
+    workers outside the current list: each decision must still see every worker's true load."""
+    r = KvRouter(KvRouterConfig(block_size=4, active_ttl=10.0))
+    prefill, decode = [WorkerLoad("p0"), WorkerLoad("p1")], [WorkerLoad("d0"), WorkerLoad("d1")]
+    big = r.route("big", [], 400, prefill, now=0.0)  # 100 blocks on one prefill worker
+    assert big is not None
+    r.route("big-d", [], 400, decode, now=0.0, kv_transferred=True)
+    small = r.route("small", [], 4, prefill, now=1.0)
+    assert small is not None and small.worker_id != big.worker_id, "avoids the 100 blocks"
+    r.route("x", [], 4, decode, now=10.5, kv_transferred=True)  # "big" expires here
+    assert r.loads([big.worker_id])[0].active_blocks == 0
+    # Now big's worker is idle and small's holds 1 block: the next prefill goes to big's worker.
+    nxt = r.route("next", [], 4, prefill, now=10.6)
+    assert nxt is not None and nxt.worker_id == big.worker_id
