@@ -40,6 +40,10 @@ class EngineStats:
     num_steps: int
     busy_seconds_total: float = 0.0
     """Sum of the executor's step times (forward pass and sampling; nothing while idle)."""
+    prefill_steps: int = 0
+    """Steps that computed prompt tokens (whole prompts or chunks of them)."""
+    prefill_requests_total: int = 0
+    """Prompt pieces computed, summed over steps: / prefill_steps = the mean prefill batch."""
 
 
 class EngineCore:
@@ -68,6 +72,8 @@ class EngineCore:
         self.num_steps = 0
         self.last_step_seconds = 0.0
         self.busy_seconds_total = 0.0
+        self.prefill_steps = 0
+        self.prefill_requests_total = 0
         self.last_step_idle = False
         """The last step scheduled nothing (e.g. every waiting request needs blocks that peers hold)."""
         self._ids = itertools.count()
@@ -137,6 +143,10 @@ class EngineCore:
 
     def step(self) -> list[EngineOutput]:
         sched = self.scheduler.schedule()
+        prefills = sum(1 for s in sched.scheduled if s.start < s.request.num_prompt_tokens)
+        if prefills:
+            self.prefill_steps += 1
+            self.prefill_requests_total += prefills
         if self.connector_worker is not None:
             self.connector_worker.start_load_kv(sched.connector_meta)
         result = self.executor.execute(sched) if not sched.empty else ExecutorOutput()
@@ -172,6 +182,8 @@ class EngineCore:
             cached_tokens_total=s.cached_tokens_total,
             num_steps=self.num_steps,
             busy_seconds_total=self.busy_seconds_total,
+            prefill_steps=self.prefill_steps,
+            prefill_requests_total=self.prefill_requests_total,
         )
 
 

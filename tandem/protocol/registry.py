@@ -79,3 +79,7 @@ class WorkerStats(msgspec.Struct, frozen=True, tag="stats", array_like=True):
     kv_load_seconds_total: float = 0.0
     """Wall time of finished KV loads: connect, copy (or receive) every block, tell the peer."""
     kv_load_bytes_total: int = 0
+    prefill_steps: int = 0
+    """Engine steps that computed prompt tokens; `num_steps - prefill_steps` were decode-only."""
+    prefill_requests_total: int = 0
+    """Prompt pieces computed over those steps (their mean prefill batch = this / prefill_steps)."""

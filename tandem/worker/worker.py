@@ -193,6 +193,8 @@ class Worker:
             kv_load_failures=c.num_load_failures if c else 0,
             kv_load_seconds_total=c.load_seconds_total if c else 0.0,
             kv_load_bytes_total=c.load_bytes_total if c else 0,
+            prefill_steps=s.prefill_steps,
+            prefill_requests_total=s.prefill_requests_total,
         )
 
     async def drain(self, timeout: float | None = None) -> bool:

@@ -273,3 +273,16 @@ def test_without_delay_factor_or_decodes_prompts_start_at_once():
 def test_delay_factor_is_validated():
     with pytest.raises(ValueError, match="scheduler_delay_factor"):
         EngineConfig(scheduler_delay_factor=-1)
+
+
+def test_stats_count_prefill_steps_and_their_batch():
+    core, _, _ = make_core(max_num_batched_tokens=16)
+    core.add_request(list(range(1, 51)), SamplingParams(max_tokens=2, temperature=0), request_id="a")
+    run(core)
+    core.add_request([1, 2, 3], SamplingParams(max_tokens=3, temperature=0), request_id="b")
+    core.add_request([4, 5, 6], SamplingParams(max_tokens=3, temperature=0), request_id="c")
+    run(core)
+    s = core.stats()
+    # a: 50 tokens in 16-token chunks (4 prefill steps), then b and c start in one step.
+    assert (s.prefill_steps, s.prefill_requests_total) == (5, 6)
+    assert s.num_steps == 5 + 1 + 2, "one decode step for a, two for b and c"
