@@ -176,6 +176,7 @@ async def serve(
         await launcher.start()
         ready = await _wait_ready(spec, store, launcher, stop, ready_timeout)
         if ready:
+            await server.config.app.state.frontend.warm_up()
             print(f"Tandem ready: http://{spec.host}:{spec.port}/v1 ({spec.num_workers} workers)", flush=True)
             print(
                 f"Add workers at run time: tandem worker --model {spec.model} --role prefill|decode|agg "

@@ -31,6 +31,7 @@ from tandem.protocol.messages import GenerateRequest
 from tandem.protocol.openai import (
     SCHEMAS,
     ChatCompletionRequest,
+    ChatMessage,
     CompletionRequest,
     ModelList,
     ModelObject,
@@ -53,6 +54,20 @@ class _Frontend:
         self.alias = served_model_name
         self.tokenizers = TokenizerCache()
         self.metrics = FrontendMetrics()
+
+    async def warm_up(self) -> None:
+        """Load every served model's tokenizer and chat template now, so the first request does not
+        pay for the load and transformers' lazy imports (~1-2 s). A model whose files fail to load
+        is logged here and reported by its requests, as before."""
+        for card in self.backend.models():
+            try:
+                tok = await self.tokenizers.get(card.model_dir)
+                tok.encode("warm up", add_special_tokens=True)
+                tok.token_text(0)
+                if tok.has_chat_template:
+                    tok.render_chat([ChatMessage(role="user", content="warm up")])
+            except Exception as e:  # the request path answers with the same error, shaped for OpenAI
+                log.warning("could not warm up model %s: %s", card.name, e)
 
     def resolve(self, name: str) -> ModelCard:
         cards = self.backend.models()
