@@ -72,8 +72,6 @@ class EngineCore:
         self.num_steps = 0
         self.last_step_seconds = 0.0
         self.busy_seconds_total = 0.0
-        self.prefill_steps = 0
-        self.prefill_requests_total = 0
         self.last_step_idle = False
         """The last step scheduled nothing (e.g. every waiting request needs blocks that peers hold)."""
         self._ids = itertools.count()
@@ -143,10 +141,6 @@ class EngineCore:
 
     def step(self) -> list[EngineOutput]:
         sched = self.scheduler.schedule()
-        prefills = sum(1 for s in sched.scheduled if s.start < s.request.num_prompt_tokens)
-        if prefills:
-            self.prefill_steps += 1
-            self.prefill_requests_total += prefills
         if self.connector_worker is not None:
             self.connector_worker.start_load_kv(sched.connector_meta)
         result = self.executor.execute(sched) if not sched.empty else ExecutorOutput()
@@ -182,8 +176,8 @@ class EngineCore:
             cached_tokens_total=s.cached_tokens_total,
             num_steps=self.num_steps,
             busy_seconds_total=self.busy_seconds_total,
-            prefill_steps=self.prefill_steps,
-            prefill_requests_total=self.prefill_requests_total,
+            prefill_steps=s.prefill_steps,
+            prefill_requests_total=s.prefill_requests_total,
         )
 
 

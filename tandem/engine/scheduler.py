@@ -55,6 +55,10 @@ class Scheduler:
         self.num_preemptions = 0
         self.prompt_tokens_total = 0
         self.cached_tokens_total = 0
+        self.prefill_steps = 0
+        """Steps that computed prompt tokens (whole prompts or chunks of them)."""
+        self.prefill_requests_total = 0
+        """Prompt pieces scheduled, summed over steps (/ prefill_steps: the mean prefill batch)."""
         self._clock = clock
         self._arrivals: dict[str, float] = {}
         """When each waiting request reached this scheduler (for the delay factor)."""
@@ -101,6 +105,7 @@ class Scheduler:
         self._finished_ids = set()
         budget = self.config.max_num_batched_tokens
         preempted: set[str] = set()
+        prefills = 0  # items that compute prompt tokens (for `prefill_steps`)
 
         i = 0
         while i < len(self.running) and budget > 0:
@@ -113,6 +118,8 @@ class Scheduler:
                 if victim is req:
                     break
             else:
+                if req.num_computed_tokens < len(req.prompt_token_ids):  # a chunked prompt goes on
+                    prefills += 1
                 out.scheduled.append(
                     ScheduledRequest(req, n, req.num_computed_tokens, self.kv.block_ids(req.request_id))
                 )
@@ -122,9 +129,16 @@ class Scheduler:
                 i += 1
 
         if not preempted and self._prompts_may_start():
+            admitted_from = len(out.scheduled)
             left = self._admit_waiting(out, budget)
             self._last_step_admitted = left < budget
             budget = left
+            prefills += sum(
+                1 for s in out.scheduled[admitted_from:] if s.start < len(s.request.prompt_token_ids)
+            )
+        if prefills:
+            self.prefill_steps += 1
+            self.prefill_requests_total += prefills
 
         out.num_batched_tokens = self.config.max_num_batched_tokens - budget
         out.preempted_request_ids = preempted

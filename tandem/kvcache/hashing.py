@@ -54,10 +54,9 @@ def block_hashes(tokens: Sequence[int], block_size: int, parent: int | None = No
         return []
     step = 4 * block_size
     buf = _u32_le_bytes(tokens[: n * block_size])
-    h, pack = xxhash.xxh3_64_intdigest, _PAIR.pack
+    h = xxhash.xxh3_64_intdigest
     local = [h(buf[i : i + step], HASH_SEED) for i in range(0, n * step, step)]
-    first = local[0] if parent is None else h(pack(parent, local[0]), HASH_SEED)
-    return list(accumulate(local[1:], lambda p, x: h(pack(p, x), HASH_SEED), initial=first))
+    return list(accumulate(local[1:], chain_hash, initial=chain_hash(parent, local[0])))
 
 
 def extend_block_hashes(hashes: list[int], tokens: Sequence[int], block_size: int) -> None:

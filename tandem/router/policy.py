@@ -88,15 +88,6 @@ def kv_costs(
     return {w.worker_id: float(c) for w, c in zip(loads, costs, strict=True)}
 
 
-def available(loads: Sequence[WorkerLoad], busy_threshold: float | None) -> list[WorkerLoad]:
-    """Workers under the busy threshold. Empty means shed the request (503) or queue it."""
-    if busy_threshold is None:
-        return list(loads)
-    return [
-        w for w in loads if w.capacity_blocks <= 0 or w.active_blocks / w.capacity_blocks < busy_threshold
-    ]
-
-
 def pick_kv(
     num_request_blocks: int,
     overlaps: Mapping[str, int],
@@ -138,7 +129,8 @@ def pick_kv_arrays(
     costs = _costs(num_request_blocks, overlap, active_blocks, queued_tokens, block_size, config)
     if ok is not None:
         costs = np.where(ok, costs, np.inf)
-    if config.temperature <= 0 or (ok is None and len(ids) == 1) or (ok is not None and ok.sum() == 1):
+    num_ok = len(ids) if ok is None else int(ok.sum())
+    if config.temperature <= 0 or num_ok == 1:
         # Ties on cost go to the least loaded (active blocks + queued blocks), then a seeded random
         # choice (spreads an idle fleet); without an rng the lowest id is stable.
         tied = np.flatnonzero(costs == costs.min())
