@@ -10,7 +10,9 @@ blocks, 256 sequences, 8,192 batched tokens. Systems, started one after the othe
 
     tandem-rr / tandem-ll   `tandem serve --engine sim --workers 2` with round-robin / least-loaded
     dynamo / dynamo-nodelay  `dynamo.mocker --num-workers 2` + `dynamo.frontend`, stock, and with
-                             TCP_NODELAY forced by LD_PRELOAD=nodelay.so (../shared/bench/nodelay_shim.c)
+                             TCP_NODELAY forced by LD_PRELOAD=nodelay.so (../shared/bench/nodelay_shim.c);
+                             a suffix `@MODE` (e.g. `dynamo-nodelay@least-loaded`) picks Dynamo's
+                             `--router-mode` for that row (default `--dynamo-router`)
 
 Each point runs the referee client (../shared/bench/referee_loadgen.py, with the CPU of every server
 process) after `wait_quiet.py`; `--tandem-bench` also runs `tandem bench` on the same point. Dynamo
@@ -47,7 +49,7 @@ SLOW_STOCK_C1 = 5  # stock Dynamo waits ~40 ms per chunk on Nagle at c=1: fewer 
 
 def counts(speedup: float, c: int, system: str) -> tuple[int, int]:
     n, warm = COUNTS.get(int(speedup), STRESS_COUNTS).get(c, (c * 40, c * 2))
-    if system == "dynamo" and c == 1 and speedup > 1:
+    if system.partition("@")[0] == "dynamo" and c == 1 and speedup > 1:
         n, warm = n // SLOW_STOCK_C1, warm // SLOW_STOCK_C1
     return n, warm
 
@@ -93,7 +95,9 @@ def start_tandem(args: argparse.Namespace, speedup: float, name: str, logdir: Pa
     return Deployment(name, {"frontend": proc}, f"http://127.0.0.1:{args.port}")
 
 
-def start_dynamo(args: argparse.Namespace, speedup: float, nodelay: bool, logdir: Path) -> Deployment:
+def start_dynamo(args: argparse.Namespace, speedup: float, system: str, logdir: Path) -> Deployment:
+    base, _, router = system.partition("@")
+    nodelay = base == "dynamo-nodelay"
     dyn = Path(args.dynamo)
     kv = Path(tempfile.mkdtemp(prefix="dynkv-"))
     env = dict(os.environ, DYN_DISCOVERY_BACKEND="file", DYN_FILE_KV=str(kv), DYN_REQUEST_PLANE="tcp")
@@ -103,21 +107,20 @@ def start_dynamo(args: argparse.Namespace, speedup: float, nodelay: bool, logdir
     if nodelay:
         env["LD_PRELOAD"] = str(dyn / "nodelay.so")
     py = str(dyn / "venv/bin/python")
-    tag = f"{'nodelay' if nodelay else 'stock'}-{speedup:g}"
+    tag = f"{'nodelay' if nodelay else 'stock'}-{router or args.dynamo_router}-{speedup:g}"
     mocker = [py, "-m", "dynamo.mocker", "--model-path", args.model, "--model-name", "tiny"]
     mocker += ["--speedup-ratio", str(speedup), "--num-workers", "2", "--block-size", "64"]
     mocker += ["--num-gpu-blocks-override", "16384", "--max-num-seqs", "256"]
     mocker += ["--max-num-batched-tokens", "8192"]
     frontend = [py, "-m", "dynamo.frontend", "--http-host", "127.0.0.1", "--http-port", str(args.port)]
-    frontend += ["--router-mode", args.dynamo_router]
+    frontend += ["--router-mode", router or args.dynamo_router]
     procs = {}
     for name, cmd in (("mocker", mocker), ("frontend", frontend)):
         log = open(logdir / f"dynamo-{name}-{tag}.log", "w")
         procs[name] = subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
-    name = "dynamo-nodelay" if nodelay else "dynamo"
-    return Deployment(name, procs, f"http://127.0.0.1:{args.port}")
+    return Deployment(system, procs, f"http://127.0.0.1:{args.port}")
 
 
 def wait_ready(dep: Deployment, timeout: float = 180.0) -> None:
@@ -297,7 +300,7 @@ def main() -> int:
                 if s.startswith("tandem"):
                     dep = start_tandem(args, sp, s, out_dir)
                 else:
-                    dep = start_dynamo(args, sp, s == "dynamo-nodelay", out_dir)
+                    dep = start_dynamo(args, sp, s, out_dir)
                 try:
                     wait_ready(dep)
                     for c in cs:

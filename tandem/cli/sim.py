@@ -2,6 +2,8 @@
 
     tandem sim --workers 4 --router round-robin --limit 1000
     tandem sim --workers 4 8 --router all --out results.json
+    tandem sim --trace random --input-len 114 --output-len 50 --limit 4000 --concurrency 64 \
+        --workers 2 --block-size 64 --num-blocks 16384      # closed loop, like a benchmark client
 
 Prints one row per (router, workers): hit %, TTFT p50/p90/p99, ITL p50/p99, E2E p50/p99, wall s.
 `benchmarks/replay_mooncake.py` is the same command as a script.
@@ -21,7 +23,15 @@ ROUTER_NAMES = ("round-robin", "random", "least-loaded", "kv")
 
 def add_replay_args(p: argparse.ArgumentParser) -> None:
     """The replay options, shared with `benchmarks/replay_mooncake.py`."""
-    p.add_argument("--trace", default="mooncake", help="mooncake, azure, or a .jsonl/.csv path")
+    p.add_argument("--trace", default="mooncake", help="mooncake, azure, random, or a .jsonl/.csv path")
+    p.add_argument("--input-len", type=int, default=100, help="random trace: prompt tokens")
+    p.add_argument("--output-len", type=int, default=50, help="random trace: output tokens")
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        help="closed loop: keep this many requests in flight, ignoring arrival times",
+    )
     p.add_argument("--trace-dir", default=None, help="folder of named traces (default ../shared/...)")
     p.add_argument("--workers", type=int, nargs="+", default=[4], help="fleet sizes to run")
     p.add_argument("--router", nargs="+", default=["round-robin"], help=f"{', '.join(ROUTER_NAMES)} or all")
@@ -55,6 +65,9 @@ def run_from_args(args: argparse.Namespace) -> list[dict[str, Any]]:
         max_num_batched_tokens=args.max_batched_tokens,
         engine_speedup=args.engine_speedup,
         timing_profile=args.timing_profile,
+        input_len=args.input_len,
+        output_len=args.output_len,
+        concurrency=args.concurrency,
     )
     requests = load_trace(spec)
     kv_policy = kv_policy_from_args(args)
@@ -74,18 +87,20 @@ def run_from_args(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def header() -> str:
-    cols = ("router", "workers", "hit %", "TTFT p50/p90/p99 ms", "ITL p50/p99 ms", "E2E p50/p99 ms", "wall s")
+    cols = ("router", "workers", "hit %", "TTFT p50/p90/p99 ms", "ITL p50/p99 ms", "E2E p50/p99 ms", "req/s")
+    cols += ("wall s",)
     return "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols)
 
 
 def row(s: dict[str, Any]) -> str:
     if not s.get("completed"):
-        return f"| {s['router']} | {s['workers']} | - | - | - | - | {s['wall_s']:.1f} |"
+        return f"| {s['router']} | {s['workers']} | - | - | - | - | - | {s['wall_s']:.1f} |"
     return (
         f"| {s['router']} | {s['workers']} | {100 * s['hit_rate']:.1f} "
         f"| {s['ttft_p50_ms']:,.0f} / {s['ttft_p90_ms']:,.0f} / {s['ttft_p99_ms']:,.0f} "
         f"| {s['itl_p50_ms']:.2f} / {s['itl_p99_ms']:.1f} "
-        f"| {s['e2e_p50_ms']:,.0f} / {s['e2e_p99_ms']:,.0f} | {s['wall_s']:.1f} |"
+        f"| {s['e2e_p50_ms']:,.0f} / {s['e2e_p99_ms']:,.0f} "
+        f"| {s['request_throughput']:.2f} | {s['wall_s']:.1f} |"
     )
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -104,29 +105,63 @@ class Fleet:
             attach(self.workers)
         self._on_output = getattr(self.router, "on_output", None)
 
-    def run(self, requests: Sequence[TraceRequest], *, until: float | None = None) -> RunMetrics:
-        """Replay `requests` (any order; sorted by arrival here) to completion, or until simulated
-        time `until`. Returns the records; request i of the sorted list has record i, is routed
-        i-th, and is named str(i) in its engine and in the router's hooks."""
-        reqs = sorted(requests, key=lambda r: r.arrival_s)
-        metrics = RunMetrics(records=[RequestRecord(r.arrival_s, r.input_len) for r in reqs])
+    def run(
+        self,
+        requests: Sequence[TraceRequest],
+        *,
+        until: float | None = None,
+        concurrency: int | None = None,
+    ) -> RunMetrics:
+        """Replay `requests` to completion, or until simulated time `until`. Returns the records;
+        request i has record i, is routed i-th, and is named str(i) in its engine and in the
+        router's hooks.
+
+        Open loop (`concurrency` None): requests arrive at their `arrival_s` (sorted here first).
+        Closed loop (`concurrency` C): arrival times are ignored; the first C requests arrive at
+        time 0 and each one that finishes sends the next, in the given order, at that instant (a
+        client with C connections and no think time, like `aiperf --concurrency` or the referee).
+        """
+        closed = concurrency is not None
+        c = concurrency or 0
+        if closed and c < 1:
+            raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+        reqs = list(requests) if closed else sorted(requests, key=lambda r: r.arrival_s)
+        n = len(reqs)
+        if closed:
+            arrival = [0.0 if j < c else math.inf for j in range(n)]
+        else:
+            arrival = [r.arrival_s for r in reqs]
+        next_sent = min(n, c)
+        """Closed loop: the next request to send when one finishes."""
+        metrics = RunMetrics(records=[RequestRecord(arrival[j], r.input_len) for j, r in enumerate(reqs)])
         records = metrics.records
         on_tokens = metrics.on_tokens
         workers = self.workers
         on_output = self._on_output
         heap: list[tuple[float, int]] = []
-        n, i = len(reqs), 0
+        deferred: list[SimWorker] = []
+        """Closed loop: workers whose step ended when new requests were sent; they start after
+        those requests are queued, so a request sent at t can join a step that starts at t."""
+        i = 0
         wall0 = time.perf_counter()
         while i < n or heap:
-            if i < n and (not heap or reqs[i].arrival_s <= heap[0][0]):
-                t = reqs[i].arrival_s
+            # Ties: open loop routes arrivals before ending steps at the same instant; closed loop
+            # ends every step first, since the requests sent at that instant come from those ends.
+            if i < n and (not heap or arrival[i] < heap[0][0] or (not closed and arrival[i] == heap[0][0])):
+                t = arrival[i]
                 if until is not None and t > until:
                     break
                 self.now = t
-                touched: list[SimWorker] = []
-                while i < n and reqs[i].arrival_s <= t:
+                touched: list[SimWorker] = deferred
+                deferred = []
+                while i < n and arrival[i] <= t:
+                    records[i].arrival = t
                     w = self._arrive(reqs[i], i, records[i])
-                    if w is not None and not w.busy:
+                    if w is None:
+                        if next_sent < n and closed:  # rejected: its connection sends the next one
+                            arrival[next_sent] = t
+                            next_sent += 1
+                    elif not w.busy:
                         touched.append(w)
                     i += 1
                 for w in touched:
@@ -147,8 +182,14 @@ class Fleet:
                     on_output(t, out)
                 if done:
                     w.num_active -= 1
+                    if closed and next_sent < n:
+                        arrival[next_sent] = t
+                        next_sent += 1
             w.pending = []
-            self._start(w, t, heap)
+            if closed and i < n and arrival[i] <= t:
+                deferred.append(w)
+            else:
+                self._start(w, t, heap)
         metrics.wall_s = time.perf_counter() - wall0
         metrics.num_steps = sum(w.core.num_steps for w in workers)
         return metrics

@@ -4,6 +4,8 @@ Definitions (as in the mission brief and Dynamo's replay report):
 - TTFT = first token time - arrival; E2E = last token time - arrival.
 - ITL percentiles are over every gap between consecutive tokens of every request (so a decode step
   slowed by a long prefill chunk shows in the tail); `itl_mean` is their mean.
+- TPOT is per request: (last token - first token) / (tokens - 1), the "ITL" of the referee client
+  and Dynamo's `tpot`; its percentiles are over requests with two tokens or more.
 - hit rate = cached prompt tokens / prompt tokens, cached tokens counted at a request's first
   admission (a recompute after preemption does not count again).
 """
@@ -83,7 +85,10 @@ class RunMetrics:
             output_throughput=out_tokens / duration if duration > 0 else 0.0,
             itl_mean_ms=float(itl.mean()),
         )
-        for name, values in (("ttft", ttft), ("itl", itl), ("e2e", e2e)):
+        tpot = np.array(
+            [(r.last_token - r.first_token) / (r.num_tokens - 1) for r in done if r.num_tokens > 1] or [0.0]
+        )
+        for name, values in (("ttft", ttft), ("itl", itl), ("tpot", tpot * 1000.0), ("e2e", e2e)):
             p50, p90, p99 = np.percentile(values, [50, 90, 99])
             out[f"{name}_p50_ms"] = float(p50)
             out[f"{name}_p90_ms"] = float(p90)

@@ -26,7 +26,11 @@ class ReplaySpec:
     """Everything one replay needs besides the router and worker count."""
 
     trace: str = "mooncake"
-    """"mooncake", "azure", or a path to a .jsonl (Mooncake format) or .csv (Azure format) file."""
+    """"mooncake", "azure", "random" (`limit` requests of `input_len` unique tokens, `output_len`
+    out, all at time 0: use with `concurrency`), or a path to a .jsonl (Mooncake format) or .csv
+    (Azure format) file."""
+    input_len: int = 100
+    output_len: int = 50
     trace_dir: str | None = None
     """Folder of the named traces; None: `<repo>/../shared/data/traces`."""
     limit: int | None = None
@@ -44,6 +48,9 @@ class ReplaySpec:
     """Divides every step's modelled time (Dynamo's `--speedup-ratio`)."""
     timing_profile: str | None = None
     """A `ProfileTiming` JSON file; None: Dynamo's polynomials."""
+    concurrency: int | None = None
+    """Closed loop with this many requests in flight, trace order, arrival times ignored
+    (see `Fleet.run`); None: open loop at the trace's arrival times."""
 
 
 def load_trace(spec: ReplaySpec) -> list[TraceRequest]:
@@ -53,6 +60,9 @@ def load_trace(spec: ReplaySpec) -> list[TraceRequest]:
     )
     folder = Path(spec.trace_dir) if spec.trace_dir else None
     name = spec.trace
+    if name == "random":
+        lengths = (spec.input_len // spec.length_divisor, spec.output_len // spec.length_divisor)
+        return [TraceRequest(0.0, *lengths, index=i) for i in range(spec.limit or 1000)]
     if name == "mooncake":
         return load_mooncake(folder / "mooncake_conversation_trace.jsonl" if folder else None, **kw)
     if name == "azure":
@@ -88,7 +98,8 @@ def replay(
     """Replay the spec's trace (or `requests`, if given) through a fresh fleet. `kv_policy`: KV
     router fields replacing the named router's (see `make_router`)."""
     reqs = requests if requests is not None else load_trace(spec)
-    return Fleet(fleet_config(spec, num_workers), make_router(router, kv_policy)).run(reqs)
+    fleet = Fleet(fleet_config(spec, num_workers), make_router(router, kv_policy))
+    return fleet.run(reqs, concurrency=spec.concurrency)
 
 
 def run_replay(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tandem.bench.traces import TokenSpace, TraceRequest
+from tandem.engine.config import EngineConfig
 from tandem.sim.fleet import Fleet, FleetConfig
 from tandem.sim.routing import LeastLoadedRouter, RandomRouter, RoundRobinRouter, make_router
 
@@ -104,3 +105,66 @@ def test_until_stops_early() -> None:
     rows = [(i * 1000.0, 500, 50) for i in range(10)]
     m = Fleet(FleetConfig(num_workers=1)).run(trace(rows), until=3.5)
     assert 0 < m.summary()["completed"] < 10
+
+
+# Closed loop, the serving benchmark's workload: 2 workers, round-robin, block size 64, 16,384
+# blocks, 114 prompt tokens, 50 out. Dynamo 1.6.1's `run_synthetic_trace_replay(114, 50, n,
+# num_workers=2, replay_concurrency=c, router_mode="round_robin")` on that engine gives, for
+# c -> (n, req/s, TTFT ms, TPOT ms), the same TTFT and TPOT for every request:
+DYNAMO_CLOSED_LOOP = {
+    1: (8, 3.3350163, 18.238, 5.747),
+    16: (64, 50.831732, 30.699, 5.797),
+    64: (256, 172.99329, 77.493, 5.969),
+}
+SERVING_ENGINE = EngineConfig(
+    block_size=64,
+    num_blocks=16384,
+    max_num_seqs=256,
+    max_num_batched_tokens=8192,
+    cache_blocks_on_schedule=True,
+)
+
+
+@pytest.mark.parametrize("c", DYNAMO_CLOSED_LOOP)
+def test_closed_loop_matches_dynamo_replay(c: int) -> None:
+    n, rps, ttft, tpot = DYNAMO_CLOSED_LOOP[c]
+    reqs = [TraceRequest(0.0, 114, 50, index=i, space=SPACE) for i in range(n)]
+    s = Fleet(FleetConfig(num_workers=2, engine=SERVING_ENGINE)).run(reqs, concurrency=c).summary()
+    assert s["completed"] == n
+    assert s["request_throughput"] == pytest.approx(rps, rel=1e-5)
+    assert (s["ttft_p50_ms"], s["ttft_p99_ms"]) == pytest.approx((ttft, ttft), abs=1e-3)
+    assert (s["tpot_p50_ms"], s["tpot_p99_ms"]) == pytest.approx((tpot, tpot), abs=1e-3)
+
+
+def in_flight_max(records) -> int:
+    events = sorted([(r.arrival, 1) for r in records] + [(r.last_token, -1) for r in records])
+    level = peak = 0
+    for _, d in events:  # at equal times a finish (-1) sorts before a send (+1)
+        level += d
+        peak = max(peak, level)
+    return peak
+
+
+def test_closed_loop_sends_the_next_request_when_one_finishes() -> None:
+    # The trace's arrival times are ignored: the loop decides when each request is sent.
+    rows = [(t, 1000, osl) for t, osl in ((0, 3), (9000, 9), (1, 5), (2, 2), (50, 7), (3, 4))]
+    m = Fleet(FleetConfig(num_workers=1)).run(trace(rows), concurrency=2)
+    recs = m.records
+    assert all(r.finished for r in recs) and [r.num_tokens for r in recs] == [3, 9, 5, 2, 7, 4]
+    assert [r.arrival for r in recs[:2]] == [0.0, 0.0]
+    # Request i >= 2 is sent the instant the (i-2)-th request to finish finishes.
+    assert [r.arrival for r in recs[2:]] == sorted(r.last_token for r in recs)[:4]
+    assert in_flight_max(recs) == 2
+
+
+def test_closed_loop_rejected_request_frees_its_connection() -> None:
+    engine = EngineConfig(block_size=512, num_blocks=2048, max_model_len=4096)
+    rows = [(0, 1000, 3), (0, 5000, 3), (0, 1000, 3)]  # the second is longer than the context
+    recs = Fleet(FleetConfig(num_workers=1, engine=engine)).run(trace(rows), concurrency=1).records
+    assert [r.finished for r in recs] == [True, False, True]
+    assert recs[1].arrival == recs[2].arrival == recs[0].last_token
+
+
+def test_closed_loop_needs_a_positive_concurrency() -> None:
+    with pytest.raises(ValueError, match="concurrency"):
+        Fleet(FleetConfig(num_workers=1)).run(trace([(0, 10, 1)]), concurrency=0)
