@@ -220,11 +220,14 @@ class RouterBackend:
         return model in self._cards
 
     def _view(self, w: WorkerInfo) -> WorkerLoad:
-        # Our in-flight count is exact and fresh; the worker's report is up to a second old but
-        # includes other routers' requests. The larger of the two is the better estimate.
+        # Active requests: this router's own in-flight count, exact and fresh. The worker's report
+        # (every `load_interval`, up to ~1 s old) must not override it: right after a worker finishes
+        # a batch of requests the report still shows them, and taking the larger of the two sent
+        # that worker's replacements elsewhere, splitting batches that would prefill together. The
+        # reported KV blocks still break ties. With several routers, each balances its own share.
         return WorkerLoad(
             worker_id=w.worker_id,
             active_blocks=w.load.num_used_blocks,
-            active_requests=max(self.in_flight[w.worker_id], w.load.active_requests),
+            active_requests=self.in_flight[w.worker_id],
             capacity_blocks=w.num_blocks,
         )

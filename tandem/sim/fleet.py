@@ -26,7 +26,7 @@ import heapq
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from tandem.bench.traces import TraceRequest
@@ -111,6 +111,7 @@ class Fleet:
         *,
         until: float | None = None,
         concurrency: int | None = None,
+        send_at: Callable[[float], float] | None = None,
     ) -> RunMetrics:
         """Replay `requests` to completion, or until simulated time `until`. Returns the records;
         request i has record i, is routed i-th, and is named str(i) in its engine and in the
@@ -118,8 +119,10 @@ class Fleet:
 
         Open loop (`concurrency` None): requests arrive at their `arrival_s` (sorted here first).
         Closed loop (`concurrency` C): arrival times are ignored; the first C requests arrive at
-        time 0 and each one that finishes sends the next, in the given order, at that instant (a
-        client with C connections and no think time, like `aiperf --concurrency` or the referee).
+        time 0 and each one that finishes sends the next, in the given order (a client with C
+        connections, like `aiperf --concurrency` or the referee). The next one arrives at that
+        instant, or at `send_at(t)` for a finish at t: a model of the time a live client and
+        frontend take to turn a finished stream into a new request at the engine.
         """
         closed = concurrency is not None
         c = concurrency or 0
@@ -127,12 +130,10 @@ class Fleet:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
         reqs = list(requests) if closed else sorted(requests, key=lambda r: r.arrival_s)
         n = len(reqs)
-        if closed:
-            arrival = [0.0 if j < c else math.inf for j in range(n)]
-        else:
-            arrival = [r.arrival_s for r in reqs]
-        next_sent = min(n, c)
-        """Closed loop: the next request to send when one finishes."""
+        arrival = [0.0] * n if closed else [r.arrival_s for r in reqs]
+        sends = [0.0] * min(n, c)
+        """Closed loop: when the next requests arrive (a heap); they go in request order."""
+        issued = len(sends)
         metrics = RunMetrics(records=[RequestRecord(arrival[j], r.input_len) for j, r in enumerate(reqs)])
         records = metrics.records
         on_tokens = metrics.on_tokens
@@ -145,22 +146,28 @@ class Fleet:
         i = 0
         wall0 = time.perf_counter()
         while i < n or heap:
+            if closed:
+                ta = sends[0] if sends and i < n else math.inf
+            else:
+                ta = arrival[i] if i < n else math.inf
             # Ties: open loop routes arrivals before ending steps at the same instant; closed loop
             # ends every step first, since the requests sent at that instant come from those ends.
-            if i < n and (not heap or arrival[i] < heap[0][0] or (not closed and arrival[i] == heap[0][0])):
-                t = arrival[i]
+            if ta < math.inf and (not heap or ta < heap[0][0] or (not closed and ta == heap[0][0])):
+                t = ta
                 if until is not None and t > until:
                     break
                 self.now = t
                 touched: list[SimWorker] = deferred
                 deferred = []
-                while i < n and arrival[i] <= t:
-                    records[i].arrival = t
+                while i < n and (sends and sends[0] <= t if closed else arrival[i] <= t):
+                    if closed:
+                        heapq.heappop(sends)
+                    records[i].arrival = arrival[i] = t
                     w = self._arrive(reqs[i], i, records[i])
                     if w is None:
-                        if next_sent < n and closed:  # rejected: its connection sends the next one
-                            arrival[next_sent] = t
-                            next_sent += 1
+                        if closed and issued < n:  # rejected: its connection sends the next one
+                            heapq.heappush(sends, send_at(t) if send_at else t)
+                            issued += 1
                     elif not w.busy:
                         touched.append(w)
                     i += 1
@@ -182,11 +189,11 @@ class Fleet:
                     on_output(t, out)
                 if done:
                     w.num_active -= 1
-                    if closed and next_sent < n:
-                        arrival[next_sent] = t
-                        next_sent += 1
+                    if closed and issued < n:
+                        heapq.heappush(sends, send_at(t) if send_at else t)
+                        issued += 1
             w.pending = []
-            if closed and i < n and arrival[i] <= t:
+            if closed and i < n and sends and sends[0] <= t:
                 deferred.append(w)
             else:
                 self._start(w, t, heap)

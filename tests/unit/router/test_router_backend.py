@@ -13,7 +13,7 @@ from tandem.control.discovery import MemoryDiscovery
 from tandem.engine.config import EngineConfig
 from tandem.protocol.errors import ModelNotFoundError, OverloadedError
 from tandem.protocol.messages import GenerateRequest, SamplingSpec
-from tandem.protocol.registry import WorkerStats
+from tandem.protocol.registry import WorkerLoad, WorkerStats
 from tandem.protocol.rpc import StatsCall
 from tandem.router.backend import RouterBackend
 from tandem.worker.worker import Worker, WorkerConfig
@@ -27,7 +27,9 @@ def model_dir(tmp_path: Path) -> Path:
     return d
 
 
-async def _start(model_dir: Path, discovery: MemoryDiscovery, n: int) -> list[Worker]:
+async def _start(
+    model_dir: Path, discovery: MemoryDiscovery, n: int, load_interval: float = 0.5
+) -> list[Worker]:
     workers = []
     for i in range(n):
         cfg = WorkerConfig(
@@ -36,6 +38,7 @@ async def _start(model_dir: Path, discovery: MemoryDiscovery, n: int) -> list[Wo
             worker_id=f"w{i}",
             speedup=50,
             engine_config=EngineConfig(num_blocks=128),
+            load_interval=load_interval,
         )
         w = Worker(cfg, discovery)
         await w.start()
@@ -82,6 +85,27 @@ async def test_least_loaded_spreads_concurrent_requests(model_dir: Path) -> None
 
     await asyncio.gather(*[one(i) for i in range(6)])
     assert set(picked) == {"w0", "w1"}
+    await backend.close()
+    for w in workers:
+        await w.stop()
+
+
+async def test_least_loaded_trusts_its_own_count_over_a_stale_report(model_dir: Path) -> None:
+    # w0's last report still shows 50 requests (they have since finished; reports are up to a
+    # second old). This router has nothing in flight anywhere, so w0 is as free as w1.
+    d = MemoryDiscovery()
+    workers = await _start(model_dir, d, 2, load_interval=3600.0)
+    assert workers[0].lease is not None
+    await workers[0].lease.update(load=WorkerLoad(active_requests=50, num_used_blocks=0))
+    backend = RouterBackend(d, "least-loaded")
+    first = backend.generate(_req("a", n=10_000))
+    await first.__anext__()
+    assert set(backend.in_flight) == {"w0"}  # the tie goes to the lowest id, not away from w0
+    second = backend.generate(_req("b", n=10_000))
+    await second.__anext__()
+    assert dict(backend.in_flight) == {"w0": 1, "w1": 1}
+    for gen in (first, second):
+        await gen.aclose()
     await backend.close()
     for w in workers:
         await w.stop()

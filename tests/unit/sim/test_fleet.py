@@ -157,6 +157,16 @@ def test_closed_loop_sends_the_next_request_when_one_finishes() -> None:
     assert in_flight_max(recs) == 2
 
 
+def test_closed_loop_client_delay() -> None:
+    # A client (and frontend) that takes 10 ms to turn each finish into the next request.
+    rows = [(0, 1000, osl) for osl in (3, 9, 5, 2, 7, 4)]
+    fleet = Fleet(FleetConfig(num_workers=1))
+    recs = fleet.run(trace(rows), concurrency=2, send_at=lambda t: t + 0.010).records
+    finishes = sorted(r.last_token for r in recs)[:4]
+    assert [r.arrival for r in recs[2:]] == pytest.approx([f + 0.010 for f in finishes], abs=1e-9)
+    assert all(r.finished for r in recs) and in_flight_max(recs) <= 2
+
+
 def test_closed_loop_rejected_request_frees_its_connection() -> None:
     engine = EngineConfig(block_size=512, num_blocks=2048, max_model_len=4096)
     rows = [(0, 1000, 3), (0, 5000, 3), (0, 1000, 3)]  # the second is longer than the context
