@@ -27,11 +27,15 @@ import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import msgspec
 import numpy as np
 
 
-@dataclass(frozen=True)
-class WorkerLoad:
+class WorkerLoad(msgspec.Struct, frozen=True):
+    """One candidate worker as a policy sees it. A msgspec struct, not a dataclass: the HTTP router
+    builds one per candidate per request, and at 1,000 workers a frozen dataclass's __init__ alone
+    cost ~2 ms a request (this: ~0.25 ms)."""
+
     worker_id: str
     active_blocks: int = 0
     """KV blocks held by requests running (or routed and not finished) on the worker."""
