@@ -2,6 +2,7 @@
 replay, both on a virtual clock, no HTTP, no framework.
 
     .venv/bin/python benchmarks/closed_loop_floor.py [--concurrency 1,16,64] [--requests 4000]
+    .venv/bin/python benchmarks/closed_loop_floor.py --frontend-model    # + the table described below
 
 The serving benchmark's workload (`serving_vs_dynamo.py`): 114 prompt tokens (100 + the chat
 template), 50 output tokens, 2 workers, round-robin, block size 64, 16,384 blocks, 256 sequences,
@@ -12,20 +13,31 @@ Dynamo: `dynamo.replay.run_synthetic_trace_replay(replay_concurrency=C)` in Dyna
 What it shows: whether the two schedulers batch a closed loop the same way, and the TTFT and
 TPOT each engine gives on its own at each concurrency, the floor that a live run's figures are
 measured against ("latency the framework adds").
+
+`--frontend-model` adds a second table, Tandem's engine only, c=64: what a live client and
+frontend do to that floor. Each finish reaches the engine as a new request only after a modelled
+frontend turns it around: one request at a time, S us each (a single-threaded intake), plus uniform
+jitter up to J ms; round-robin vs least-loaded routing.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import subprocess
 from pathlib import Path
 
-from tandem.sim.replay import ReplaySpec, replay
+from tandem.bench.traces import TraceRequest
+from tandem.sim.fleet import Fleet
+from tandem.sim.replay import ReplaySpec, fleet_config, replay
+from tandem.sim.routing import make_router
 
 ISL, OSL, WORKERS = 114, 50, 2
 ENGINE = {"block_size": 64, "num_blocks": 16384, "max_num_seqs": 256, "max_num_batched_tokens": 8192}
 FIELDS = ("req/s", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99")
+KEYS = ("request_throughput", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms")
+"""The summary fields behind FIELDS (`RunMetrics.summary`)."""
 
 # Runs in Dynamo's venv; prints the summary fields as JSON.
 DYNAMO = """
@@ -43,8 +55,8 @@ print(json.dumps([s["request_throughput_rps"], s["median_ttft_ms"], s["p99_ttft_
 """
 
 
-def tandem(c: int, n: int) -> list[float]:
-    spec = ReplaySpec(
+def spec_for(c: int, n: int) -> ReplaySpec:
+    return ReplaySpec(
         trace="random",
         input_len=ISL,
         output_len=OSL,
@@ -55,8 +67,11 @@ def tandem(c: int, n: int) -> list[float]:
         max_num_seqs=ENGINE["max_num_seqs"],
         max_num_batched_tokens=ENGINE["max_num_batched_tokens"],
     )
-    s = replay(spec, WORKERS, "round-robin").summary()
-    return [s["request_throughput"], s["ttft_p50_ms"], s["ttft_p99_ms"], s["tpot_p50_ms"], s["tpot_p99_ms"]]
+
+
+def tandem(c: int, n: int) -> list[float]:
+    s = replay(spec_for(c, n), WORKERS, "round-robin").summary()
+    return [s[k] for k in KEYS]
 
 
 def dynamo(python: str, c: int, n: int) -> list[float]:
@@ -65,11 +80,44 @@ def dynamo(python: str, c: int, n: int) -> list[float]:
     return [float(x) for x in json.loads(out.stdout.strip().splitlines()[-1])]
 
 
+class SerialFrontend:
+    """Turns each finish at t into an arrival at the engine: one at a time, `intake_s` each, then
+    up to `jitter_s` more (uniform, seeded)."""
+
+    def __init__(self, intake_s: float, jitter_s: float, seed: int = 1) -> None:
+        self.intake, self.jitter, self.free = intake_s, jitter_s, 0.0
+        self.rng = random.Random(seed)
+
+    def __call__(self, t: float) -> float:
+        self.free = max(t, self.free) + self.intake
+        return self.free + self.rng.uniform(0.0, self.jitter)
+
+
+def frontend_table(n: int) -> None:
+    print("\n| intake us / jitter ms | router | " + " | ".join(FIELDS) + " |\n|" + "---|" * (len(FIELDS) + 2))
+    spec = spec_for(64, n)
+    for intake_us, jitter_ms in ((0, 0), (0, 2), (200, 2), (400, 0), (400, 2), (800, 2)):
+        for router in ("round-robin", "least-loaded"):
+            reqs = [TraceRequest(0.0, ISL, OSL, index=i) for i in range(n)]
+            fleet = Fleet(fleet_config(spec, WORKERS), make_router(router))
+            frontend = SerialFrontend(intake_us / 1e6, jitter_ms / 1e3)
+            s = fleet.run(reqs, concurrency=64, send_at=frontend).summary()
+            row = [
+                s["request_throughput"],
+                s["ttft_p50_ms"],
+                s["ttft_p99_ms"],
+                s["tpot_p50_ms"],
+                s["tpot_p99_ms"],
+            ]
+            print(f"| {intake_us} / {jitter_ms} | {router} | " + " | ".join(f"{v:.2f}" for v in row) + " |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--concurrency", default="1,16,64")
     ap.add_argument("--requests", type=int, default=4000)
     ap.add_argument("--dynamo-python", default=str(Path.home() / ".cache/tandem/dynamo/venv/bin/python"))
+    ap.add_argument("--frontend-model", action="store_true", help="also the modelled-frontend table")
     args = ap.parse_args()
     print("| c | engine | " + " | ".join(FIELDS) + " |\n|" + "---|" * (len(FIELDS) + 2))
     for c in (int(x) for x in args.concurrency.split(",")):
@@ -79,6 +127,8 @@ def main() -> None:
         )
         for name, row in rows:
             print(f"| {c} | {name} | " + " | ".join(f"{v:.3f}" for v in row) + " |", flush=True)
+    if args.frontend_model:
+        frontend_table(args.requests)
 
 
 if __name__ == "__main__":

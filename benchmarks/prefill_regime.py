@@ -2,7 +2,7 @@
 benchmark's settings, speed-up 1), drive it with the referee client, and read each worker's
 prefill-step counters before and after.
 
-    .venv/bin/python benchmarks/prefill_regime.py [--runs N] [extra `tandem serve` flags...]
+    .venv/bin/python benchmarks/prefill_regime.py [--runs N] [--concurrency C] [extra `tandem serve` flags...]
 
 Prints the client's req/s, TTFT and ITL, and per worker: steps, the share that carried a prefill, and
 the mean prefill batch (prompts per prefill step). See docs/benchmarks.md, "two regimes".
@@ -46,7 +46,7 @@ async def _stats(addrs: list[str]) -> list[WorkerStats]:
         await pool.close()
 
 
-def run_once(extra: list[str], port: int = 8791) -> None:
+def run_once(extra: list[str], concurrency: int = 64, port: int = 8791) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="prefill-regime-"))
     log_path = tmp / "serve.log"
     log = open(log_path, "w")
@@ -64,7 +64,9 @@ def run_once(extra: list[str], port: int = 8791) -> None:
         addrs = re.findall(r"ready on (\S+)", log_path.read_text())
         before = asyncio.run(_stats(addrs))
         client = [PY, str(REFEREE), "--url", f"http://127.0.0.1:{port}", "--model", "tiny"]
-        client += ["--tokenizer", MODEL, "--concurrency", "64", "--requests", "3840", "--warmup", "256"]
+        n = 60 * concurrency
+        client += ["--tokenizer", MODEL, "--concurrency", str(concurrency), "--requests", str(n)]
+        client += ["--warmup", str(4 * concurrency)]
         client += ["--isl", "100", "--osl", "50"]
         subprocess.run([*client, "--out", str(tmp / "client.json")], check=True, capture_output=True)
         after = asyncio.run(_stats(addrs))
@@ -79,21 +81,28 @@ def run_once(extra: list[str], port: int = 8791) -> None:
     )
     for b, a in zip(before, after, strict=True):
         steps = a.num_steps - b.num_steps
+        busy = ""
+        if r.get("duration_s"):
+            busy = f", ~{1000 * r['duration_s'] / max(steps, 1):.2f} ms a step (steps incl. warm-up)"
         ps = a.prefill_steps - b.prefill_steps
         prompts = a.prefill_requests_total - b.prefill_requests_total
         print(
             f"  {a.worker_id}: {steps} steps, {ps} with a prefill ({ps / max(steps, 1):.1%}), "
-            f"{prompts} prompts, mean prefill batch {prompts / max(ps, 1):.2f}"
+            f"{prompts} prompts, mean prefill batch {prompts / max(ps, 1):.2f}{busy}"
         )
 
 
 def main() -> None:
     argv = sys.argv[1:]
-    runs = 1
-    if argv[:1] == ["--runs"]:
-        runs, argv = int(argv[1]), argv[2:]
+    runs, concurrency = 1, 64
+    while argv[:1] in (["--runs"], ["--concurrency"]):
+        if argv[0] == "--runs":
+            runs = int(argv[1])
+        else:
+            concurrency = int(argv[1])
+        argv = argv[2:]
     for _ in range(runs):
-        run_once(argv)
+        run_once(argv, concurrency)
 
 
 if __name__ == "__main__":

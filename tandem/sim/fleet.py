@@ -118,11 +118,11 @@ class Fleet:
         router's hooks.
 
         Open loop (`concurrency` None): requests arrive at their `arrival_s` (sorted here first).
-        Closed loop (`concurrency` C): arrival times are ignored; the first C requests arrive at
-        time 0 and each one that finishes sends the next, in the given order (a client with C
-        connections, like `aiperf --concurrency` or the referee). The next one arrives at that
-        instant, or at `send_at(t)` for a finish at t: a model of the time a live client and
-        frontend take to turn a finished stream into a new request at the engine.
+        Closed loop (`concurrency` C): arrival times are ignored; the client sends the first C
+        requests at time 0 and each one that finishes sends the next, in the given order (a client
+        with C connections, like `aiperf --concurrency` or the referee). A request sent at t
+        arrives at t, or at `send_at(t)`: a model of the time a live client and frontend take to
+        turn a send into a request at the engine.
         """
         closed = concurrency is not None
         c = concurrency or 0
@@ -131,7 +131,7 @@ class Fleet:
         reqs = list(requests) if closed else sorted(requests, key=lambda r: r.arrival_s)
         n = len(reqs)
         arrival = [0.0] * n if closed else [r.arrival_s for r in reqs]
-        sends = [0.0] * min(n, c)
+        sends = sorted(send_at(0.0) if send_at else 0.0 for _ in range(min(n, c)))
         """Closed loop: when the next requests arrive (a heap); they go in request order."""
         issued = len(sends)
         metrics = RunMetrics(records=[RequestRecord(arrival[j], r.input_len) for j, r in enumerate(reqs)])
