@@ -131,8 +131,8 @@ class Fleet:
         reqs = list(requests) if closed else sorted(requests, key=lambda r: r.arrival_s)
         n = len(reqs)
         arrival = [0.0] * n if closed else [r.arrival_s for r in reqs]
+        # Closed loop: when the next requests arrive (a heap); they go in request order.
         sends = sorted(send_at(0.0) if send_at else 0.0 for _ in range(min(n, c)))
-        """Closed loop: when the next requests arrive (a heap); they go in request order."""
         issued = len(sends)
         metrics = RunMetrics(records=[RequestRecord(arrival[j], r.input_len) for j, r in enumerate(reqs)])
         records = metrics.records
@@ -140,9 +140,9 @@ class Fleet:
         workers = self.workers
         on_output = self._on_output
         heap: list[tuple[float, int]] = []
+        # Closed loop: workers whose step ended when new requests were sent; they start after those
+        # requests are queued, so a request sent at t can join a step that starts at t.
         deferred: list[SimWorker] = []
-        """Closed loop: workers whose step ended when new requests were sent; they start after
-        those requests are queued, so a request sent at t can join a step that starts at t."""
         i = 0
         wall0 = time.perf_counter()
         while i < n or heap:
