@@ -12,13 +12,13 @@ folder that serving_vs_dynamo.py makes.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
 import re
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -93,16 +93,12 @@ def run_once(extra: list[str], concurrency: int = 64, port: int = 8791) -> None:
 
 
 def main() -> None:
-    argv = sys.argv[1:]
-    runs, concurrency = 1, 64
-    while argv[:1] in (["--runs"], ["--concurrency"]):
-        if argv[0] == "--runs":
-            runs = int(argv[1])
-        else:
-            concurrency = int(argv[1])
-        argv = argv[2:]
-    for _ in range(runs):
-        run_once(argv, concurrency)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--concurrency", type=int, default=64)
+    args, serve_flags = ap.parse_known_args()  # everything else goes to `tandem serve`
+    for _ in range(args.runs):
+        run_once(serve_flags, args.concurrency)
 
 
 if __name__ == "__main__":

@@ -130,12 +130,12 @@ class Fleet:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
         reqs = list(requests) if closed else sorted(requests, key=lambda r: r.arrival_s)
         n = len(reqs)
-        arrival = [0.0] * n if closed else [r.arrival_s for r in reqs]
         # Closed loop: when the next requests arrive (a heap); they go in request order.
         sends = sorted(send_at(0.0) if send_at else 0.0 for _ in range(min(n, c)))
         issued = len(sends)
-        metrics = RunMetrics(records=[RequestRecord(arrival[j], r.input_len) for j, r in enumerate(reqs)])
-        records = metrics.records
+        # Closed loop: a record's arrival is set when the request is sent.
+        records = [RequestRecord(0.0 if closed else r.arrival_s, r.input_len) for r in reqs]
+        metrics = RunMetrics(records=records)
         on_tokens = metrics.on_tokens
         workers = self.workers
         on_output = self._on_output
@@ -149,7 +149,7 @@ class Fleet:
             if closed:
                 ta = sends[0] if sends and i < n else math.inf
             else:
-                ta = arrival[i] if i < n else math.inf
+                ta = reqs[i].arrival_s if i < n else math.inf
             # Ties: open loop routes arrivals before ending steps at the same instant; closed loop
             # ends every step first, since the requests sent at that instant come from those ends.
             if ta < math.inf and (not heap or ta < heap[0][0] or (not closed and ta == heap[0][0])):
@@ -159,10 +159,10 @@ class Fleet:
                 self.now = t
                 touched: list[SimWorker] = deferred
                 deferred = []
-                while i < n and (sends and sends[0] <= t if closed else arrival[i] <= t):
+                while i < n and (sends and sends[0] <= t if closed else reqs[i].arrival_s <= t):
                     if closed:
                         heapq.heappop(sends)
-                    records[i].arrival = arrival[i] = t
+                        records[i].arrival = t
                     w = self._arrive(reqs[i], i, records[i])
                     if w is None:
                         if closed and issued < n:  # rejected: its connection sends the next one
