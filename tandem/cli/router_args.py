@@ -1,7 +1,9 @@
 """KV router flags shared by `tandem serve` and `tandem sim`: `--router-overlap-weight` and friends.
 
-Each flag left out keeps the tuned value (`router/kv_policy.py` TUNED); the ones given become
-`KvPolicyConfig` fields for the `kv` and `kv-approx` policies.
+Each flag left out keeps the tuned value (`router/kv_policy.py` TUNED; no busy limit); the ones
+given become `KvPolicyConfig` fields for the `kv` and `kv-approx` policies. A busy worker takes no
+new request; when all are busy a request is refused (503) or, with `tandem serve --router-queue-size`,
+waits for room.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ FLAGS = (
     ("queued_weight", float, "weight of prefill tokens queued on the worker, in blocks"),
     ("temperature", float, "0: argmin; > 0: softmax sampling over costs"),
     ("long_prompt_tokens", int, "longer prompts weigh decode load less, the prefill queue more (0: off)"),
+    ("busy_threshold", float, "a worker whose active KV blocks reach this share of its cache is busy"),
+    ("busy_prefill_tokens", int, "a worker with this many prefill tokens queued is busy"),
 )
 
 

@@ -55,6 +55,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--router", default="round-robin", help="round-robin | random | least-loaded | kv | kv-approx"
     )
     add_kv_policy_args(p)
+    p.add_argument(
+        "--router-queue-size",
+        type=int,
+        default=0,
+        help="with a busy limit: requests that may wait for room when every worker is busy (0: 503 at once)",
+    )
+    p.add_argument(
+        "--router-queue-timeout", type=float, default=30.0, help="seconds a request may wait before a 503"
+    )
     p.add_argument("--speedup", type=float, default=1.0, help="sim engine: faster than modelled time")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
@@ -119,6 +128,8 @@ def spec_from_args(args: argparse.Namespace) -> DeploymentSpec:
         disagg_min_prompt_tokens=args.disagg_min_prompt_tokens,
         enforce_disagg=args.enforce_disagg,
         kv_policy=kv_policy_from_args(args),
+        queue_size=args.router_queue_size,
+        queue_timeout=args.router_queue_timeout,
     )
 
 
@@ -146,6 +157,7 @@ async def serve(
     from tandem.control.discovery import MemoryDiscovery
     from tandem.control.registry import RegistryServer
     from tandem.deploy.local import LocalLauncher
+    from tandem.router.admission import AdmissionQueue
     from tandem.router.backend import RouterBackend
     from tandem.router.basic import make_policy
     from tandem.router.disagg import DisaggPolicy
@@ -165,7 +177,8 @@ async def serve(
     registry = RegistryServer(store, host=spec.host, port=registry_port)
     await registry.start()
     disagg = DisaggPolicy(spec.disagg_min_prompt_tokens, spec.enforce_disagg)
-    backend = RouterBackend(store, make_policy(spec.policy, spec.kv_policy), disagg=disagg)
+    queue = AdmissionQueue(spec.queue_size, spec.queue_timeout) if spec.queue_size else None
+    backend = RouterBackend(store, make_policy(spec.policy, spec.kv_policy), disagg=disagg, admission=queue)
     launcher = LocalLauncher(
         spec, registry.address, log_dir=log_dir, log_level=log_level, drain_timeout=drain_timeout
     )
@@ -256,6 +269,8 @@ def _uvicorn_config(backend: Any, spec: DeploymentSpec) -> Any:
     if collector is not None:  # the KV router's hit rate, decision time, load and decisions
         app.state.frontend.metrics.registry.register(collector())
     app.state.frontend.metrics.registry.register(backend.disagg_metrics)  # prefill and hand-off times
+    if backend.admission is not None:  # requests waiting for a worker under its busy limit
+        app.state.frontend.metrics.registry.register(backend.admission.collector())
     return uvicorn.Config(
         app, http="httptools", loop="none", access_log=False, log_level="warning", lifespan="on"
     )

@@ -2,7 +2,8 @@
 
     model: {path: ./models/tiny, served_name: tiny}
     frontend: {host: 127.0.0.1, port: 8000}
-    router: {policy: least-loaded}          # or {policy: kv, overlap_weight: 10, ...}
+    router: {policy: least-loaded}          # or {policy: kv, overlap_weight: 10, busy_threshold: 0.9,
+                                            #     queue_size: 256, queue_timeout: 30, ...}
     pools:
       - {name: agg, role: agg, replicas: 2, engine: sim, speedup: 10, engine_args: {num_blocks: 4096}}
 
@@ -98,7 +99,12 @@ class DeploymentSpec:
     """Refuse (503) rather than prefill on a decode worker when no prefill worker is live."""
     kv_policy: Mapping[str, float] = field(default_factory=dict)
     """KV policies only: `KvPolicyConfig` fields (`KV_POLICY_FIELDS`: overlap_weight, decode_weight,
-    queued_weight, temperature, long_prompt_tokens) replacing the tuned ones; empty: all tuned."""
+    queued_weight, temperature, long_prompt_tokens, busy_threshold, busy_prefill_tokens) replacing
+    the tuned ones; empty: all tuned, no busy limit."""
+    queue_size: int = 0
+    """Requests that may wait for a worker under its busy limit (0: refuse them at once with 503)."""
+    queue_timeout: float = 30.0
+    """Seconds a request waits in that queue before a 503."""
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES and self.policy not in KV_POLICIES:
@@ -109,6 +115,13 @@ class DeploymentSpec:
             raise ValueError("the deployment has no workers")
         if self.disagg_min_prompt_tokens < 0:
             raise ValueError("disagg_min_prompt_tokens must be >= 0")
+        if self.queue_size < 0 or self.queue_timeout <= 0:
+            raise ValueError("queue_size must be >= 0 and queue_timeout > 0")
+        if self.queue_size and not {"busy_threshold", "busy_prefill_tokens"} & set(self.kv_policy):
+            raise ValueError(
+                "queue_size holds requests that find every worker busy: set busy_threshold or "
+                "busy_prefill_tokens (kv and kv-approx policies) for it to apply"
+            )
         names = [p.name for p in self.pools]
         if len(set(names)) != len(names):
             raise ValueError(f"pool names must be unique, got {names}")
@@ -133,7 +146,8 @@ class DeploymentSpec:
         frontend = data.get("frontend") or {}
         _check_keys("frontend", frontend, {"host", "port"})
         router = data.get("router") or {}
-        router_keys = {"policy", "disagg_min_prompt_tokens", "enforce_disagg", *KV_POLICY_FIELDS}
+        router_keys = {"policy", "disagg_min_prompt_tokens", "enforce_disagg", "queue_size", "queue_timeout"}
+        router_keys.update(KV_POLICY_FIELDS)
         _check_keys("router", router, router_keys)
         pools = []
         known = {f.name for f in fields(PoolSpec)}
@@ -151,6 +165,8 @@ class DeploymentSpec:
             disagg_min_prompt_tokens=int(router.get("disagg_min_prompt_tokens", 64)),
             enforce_disagg=bool(router.get("enforce_disagg", False)),
             kv_policy={k: _number(router[k]) for k in KV_POLICY_FIELDS if k in router},
+            queue_size=int(_number(router.get("queue_size", 0))),
+            queue_timeout=float(_number(router.get("queue_timeout", 30.0))),
         )
 
     @classmethod

@@ -29,6 +29,10 @@ class OverloadedError(TandemError):
     code = "overloaded"
 
 
+class BusyError(OverloadedError):
+    """Every worker is past its busy limit (load shedding); the router may queue the request."""
+
+
 class WorkerLostError(TandemError):
     """The worker serving the request died or became unreachable."""
 

@@ -4,6 +4,8 @@ generate(): candidates = live, ready workers of the request's model -> policy pi
 from it over a pooled connection. If the worker cannot take the request (unreachable, draining,
 overloaded) before any output arrived, the next candidate is tried; once output has flowed, a worker
 death surfaces as WorkerLostError (resuming on another worker is the fault-tolerance issue's job).
+When the policy finds every worker past its busy limit (BusyError), the request waits in the
+`admission` queue if one is configured (bounded in size and time), else it gets a 503 at once.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from tandem.protocol.errors import ModelNotFoundError, OverloadedError, WorkerLo
 from tandem.protocol.messages import EngineOutput, GenerateRequest
 from tandem.protocol.registry import WorkerInfo
 from tandem.protocol.rpc import GenerateCall, merge_outputs
+from tandem.router.admission import AdmissionQueue
 from tandem.router.basic import Policy, make_policy
 from tandem.router.disagg import DisaggPolicy
 from tandem.router.disagg_metrics import DisaggMetrics
@@ -40,6 +43,7 @@ class RouterBackend:
         *,
         max_attempts: int = 3,
         disagg: DisaggPolicy | None = None,
+        admission: AdmissionQueue | None = None,
     ) -> None:
         self.discovery = discovery
         self.policy = make_policy(policy) if isinstance(policy, str) else policy
@@ -53,6 +57,7 @@ class RouterBackend:
         self._on_first: Callable[[str], None] | None = getattr(self.policy, "on_first_token", None)
         self._on_finish: Callable[[str], None] | None = getattr(self.policy, "on_finish", None)
         self.max_attempts = max_attempts
+        self.admission = admission
         self.disagg = disagg or DisaggPolicy()
         self.disagg_metrics = DisaggMetrics()
         self.in_flight: Counter[str] = Counter()
@@ -150,17 +155,26 @@ class RouterBackend:
         output has flowed."""
         tried: set[str] = set()
         last_error: Exception | None = None
-        for _ in range(self.max_attempts):
+
+        def place() -> WorkerInfo | None:
+            """The worker the policy picks (None: no candidate left); BusyError if all are busy."""
             candidates = candidates_of()
             if tried:
                 candidates = [w for w in candidates if w.worker_id not in tried]
             if not candidates:
-                break
+                return None
             views = self._views(candidates)
             if self._sync is not None:
                 self._sync(self._last_live)  # the snapshot `candidates_of` just read
-            chosen = self.policy.pick(req, views)  # may raise OverloadedError: load shedding
-            worker = next(w for w in candidates if w.worker_id == chosen)
+            chosen = self.policy.pick(req, views)
+            return next(w for w in candidates if w.worker_id == chosen)
+
+        admission = self.admission
+        for _ in range(self.max_attempts):
+            worker = place() if admission is None else await admission.place(place)
+            if worker is None:
+                break
+            chosen = worker.worker_id
             tried.add(chosen)
             started = False
             self.in_flight[chosen] += 1
@@ -168,9 +182,12 @@ class RouterBackend:
                 stream = await self.pool.open(worker.address, GenerateCall(req))
                 async with stream:
                     async for out in stream:
-                        if not started and self._on_first is not None:
-                            self._on_first(req.request_id)
-                        started = True
+                        if not started:
+                            started = True
+                            if self._on_first is not None:
+                                self._on_first(req.request_id)
+                            if admission is not None:
+                                admission.notify()  # its prefill is done: queued tokens fell
                         yield out
                 return
             except (WorkerLostError, OverloadedError) as e:
@@ -189,6 +206,8 @@ class RouterBackend:
                 self.in_flight[chosen] -= 1
                 if self.in_flight[chosen] <= 0:
                     del self.in_flight[chosen]
+                if admission is not None:
+                    admission.notify()
         if last_error is None and not self._known(req.model):
             raise ModelNotFoundError(f"the model {req.model!r} does not exist")
         raise OverloadedError(f"no live worker can serve {req.model!r} now") from last_error

@@ -67,7 +67,15 @@ POLICIES: dict[str, type[RoundRobin] | type[Random] | type[LeastLoaded]] = {
 KV_POLICIES = ("kv", "kv-approx")
 """KV-aware policies (`router/kv_policy.py`): with KV events, or approximate (predicted from routing)."""
 
-KV_POLICY_FIELDS = ("overlap_weight", "decode_weight", "queued_weight", "temperature", "long_prompt_tokens")
+KV_POLICY_FIELDS = (
+    "overlap_weight",
+    "decode_weight",
+    "queued_weight",
+    "temperature",
+    "long_prompt_tokens",
+    "busy_threshold",
+    "busy_prefill_tokens",
+)
 """`KvPolicyConfig` fields a deployment may set for the KV-aware policies (`tandem serve --router-*`)."""
 
 APPROX_TTL_S = 120.0

@@ -13,7 +13,8 @@ decisions for a TTL.
 
 A disaggregated decode leg (its request carries the prefill side's KV hand-off) is placed by load
 alone: its prompt's KV arrives by transfer, so a cached prefix there saves nothing. Load shedding:
-with a busy threshold set, a request that finds every candidate past it raises OverloadedError (503).
+with a busy limit set, a request that finds every candidate past it raises BusyError (503), which
+RouterBackend's wait queue (`router/admission.py`), when configured, holds instead.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from prometheus_client.registry import Collector
 
 from tandem.control.rpc_client import RpcClientPool
 from tandem.kvcache.hashing import block_hashes
-from tandem.protocol.errors import OverloadedError
+from tandem.protocol.errors import BusyError
 from tandem.protocol.messages import GenerateRequest
 from tandem.protocol.registry import WorkerInfo
 from tandem.protocol.rpc import KvDumpCall, KvEventBatch, KvEventsCall
@@ -100,7 +101,7 @@ class KvPolicy:
             block_size=bs,
         )
         if decision is None:
-            raise OverloadedError("every worker is past its busy threshold; retry shortly")
+            raise BusyError("every worker is past its busy limit; retry shortly")
         return decision.worker_id
 
     def on_first_token(self, request_id: str) -> None:

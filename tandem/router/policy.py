@@ -12,6 +12,11 @@ A long prompt's time to first token is its own prefill plus the prefill queued a
 shrinks its decode term: it goes where the queue is short even if that worker holds more decode KV.
 Short requests, most of them, still spread decode KV (and so inter-token latency) by decode_weight.
 
+A worker is busy when its active blocks reach `busy_threshold` of its KV capacity, or its queued
+prefill tokens reach `busy_prefill_tokens`; busy workers take no new request, and a request that finds
+every candidate busy is shed (503) or waits in the router's queue (`router/admission.py`). A worker
+with nothing routed to it is never busy, so one request larger than a threshold still runs.
+
 temperature 0 picks the argmin (ties: least loaded, then a seeded random choice, else the id);
 temperature > 0 samples from softmax(-cost / (temperature * spread)) so hot prefixes spread once
 their holder is loaded enough. The simulator and the HTTP router call the same functions.
@@ -57,7 +62,9 @@ class KvPolicyConfig:
     temperature: float = 0.0
     """0: deterministic argmin. > 0: softmax sampling over normalised costs."""
     busy_threshold: float | None = None
-    """Active blocks / capacity above which a worker takes no new request (None: never busy)."""
+    """Active blocks / capacity at which a worker takes no new request (None: no limit)."""
+    busy_prefill_tokens: float | None = None
+    """Queued prefill tokens at which a worker takes no new request (None: no limit)."""
     long_prompt_tokens: float = 0
     """Prompts longer than this scale their decode term by long_prompt_tokens / length (0: off)."""
 
@@ -70,6 +77,13 @@ class KvPolicyConfig:
             raise ValueError("temperature must be >= 0")
         if self.busy_threshold is not None and not 0 < self.busy_threshold:
             raise ValueError("busy_threshold must be > 0")
+        if self.busy_prefill_tokens is not None and not 0 < self.busy_prefill_tokens:
+            raise ValueError("busy_prefill_tokens must be > 0")
+
+    @property
+    def sheds(self) -> bool:
+        """Whether a worker can be busy (a busy rule is set)."""
+        return self.busy_threshold is not None or self.busy_prefill_tokens is not None
 
     def decode_weight_for(self, num_tokens: int) -> float:
         """decode_weight * s(n) for a prompt of `num_tokens` (see the module docstring)."""
@@ -123,13 +137,9 @@ def pick_kv_arrays(
     The KV router scores its whole fleet this way, a few array operations per decision instead of
     a Python loop over every worker. `capacity_blocks` may be None when no busy threshold is set.
     """
-    ok: np.ndarray | None = None
-    if config.busy_threshold is not None:
-        assert capacity_blocks is not None, "a busy threshold needs the capacities"
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ok = (capacity_blocks <= 0) | (active_blocks / capacity_blocks < config.busy_threshold)
-        if not ok.any():
-            return None
+    ok = _not_busy(active_blocks, queued_tokens, capacity_blocks, config) if config.sheds else None
+    if ok is not None and not ok.any():
+        return None
     costs = _costs(num_request_blocks, overlap, active_blocks, queued_tokens, block_size, config)
     if ok is not None:
         costs = np.where(ok, costs, np.inf)
@@ -151,6 +161,23 @@ def pick_kv_arrays(
     spread = max(float(c.max() - lo), 1.0)
     weights = np.exp(-(c - lo) / (spread * config.temperature))
     return int((rng or random).choices(finite.tolist(), weights=weights.tolist())[0])
+
+
+def _not_busy(
+    active_blocks: np.ndarray,
+    queued_tokens: np.ndarray,
+    capacity_blocks: np.ndarray | None,
+    config: KvPolicyConfig,
+) -> np.ndarray:
+    """True for the candidates under every busy limit (see the module docstring)."""
+    ok = np.ones(len(active_blocks), bool)
+    if config.busy_threshold is not None:
+        assert capacity_blocks is not None, "a busy threshold needs the capacities"
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ok &= (capacity_blocks <= 0) | (active_blocks / capacity_blocks < config.busy_threshold)
+    if config.busy_prefill_tokens is not None:
+        ok &= queued_tokens < config.busy_prefill_tokens
+    return ok
 
 
 def _costs(

@@ -14,6 +14,7 @@ from tandem.control.discovery import MemoryDiscovery
 from tandem.engine.config import EngineConfig
 from tandem.protocol.errors import OverloadedError
 from tandem.protocol.messages import GenerateRequest, SamplingSpec
+from tandem.router.admission import AdmissionQueue
 from tandem.router.backend import RouterBackend
 from tandem.router.kv import KvRouterConfig
 from tandem.router.kv_policy import TUNED, KvPolicy
@@ -172,6 +173,49 @@ async def test_busy_workers_shed_with_overloaded(model_dir: Path) -> None:
         await s.aclose()
     await asyncio.sleep(0.2)  # the inner streams close (and free their load) via the loop's finalizer
     await run(backend, "after", tokens(31, 4 * BS))  # load freed on close: accepted again
+    await backend.close()
+    for w in workers:
+        await w.stop()
+
+
+async def test_busy_workers_queue_requests_until_room_frees(model_dir: Path) -> None:
+    d = MemoryDiscovery()
+    workers = await start_workers(model_dir, d, n=2)
+    cfg = KvRouterConfig(policy=KvPolicyConfig(**{**TUNED.__dict__, "busy_threshold": 0.2}))
+    queue = AdmissionQueue(max_waiting=1, timeout=10)
+    backend = RouterBackend(d, KvPolicy(cfg), admission=queue)
+    streams = [backend.generate(GenerateRequest(f"l{i}", "simmodel", tokens(20 + i, 60 * BS),
+                                                SamplingSpec(max_tokens=500))) for i in range(2)]  # fmt: skip
+    for s in streams:
+        await anext(s)  # both workers now past 20% of their KV
+    waiter = asyncio.create_task(run(backend, "waits", tokens(30, 4 * BS)))
+    await asyncio.sleep(0.3)
+    assert not waiter.done() and queue.waiting == 1, "a busy fleet queues the request, no 503"
+    with pytest.raises(OverloadedError, match="already waiting"):
+        await run(backend, "refused", tokens(31, 4 * BS))  # the queue holds one: refused at once
+    await streams[0].aclose()  # room frees on one worker
+    await asyncio.wait_for(waiter, 10)
+    assert queue.queued_total == 1 and queue.full_total == 1 and queue.waiting == 0
+    await streams[1].aclose()
+    await backend.close()
+    for w in workers:
+        await w.stop()
+
+
+async def test_a_request_that_waits_too_long_gets_overloaded(model_dir: Path) -> None:
+    d = MemoryDiscovery()
+    workers = await start_workers(model_dir, d, n=1)
+    cfg = KvRouterConfig(policy=KvPolicyConfig(**{**TUNED.__dict__, "busy_threshold": 0.2}))
+    queue = AdmissionQueue(max_waiting=4, timeout=0.3)
+    backend = RouterBackend(d, KvPolicy(cfg), admission=queue)
+    long = backend.generate(
+        GenerateRequest("l", "simmodel", tokens(40, 60 * BS), SamplingSpec(max_tokens=500))
+    )
+    await anext(long)
+    with pytest.raises(OverloadedError, match=r"stayed busy for 0\.3 s"):
+        await run(backend, "late", tokens(41, 4 * BS))
+    assert queue.timeouts_total == 1 and queue.waiting == 0
+    await long.aclose()
     await backend.close()
     for w in workers:
         await w.stop()

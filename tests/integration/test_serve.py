@@ -3,6 +3,7 @@ graceful SIGTERM (an in-flight stream completes, every child exits)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -85,3 +86,62 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def test_serve_busy_limit_queues_then_sheds_with_503(tiny_model: Path, tmp_path: Path) -> None:
+    """`--router kv` with a busy limit and a wait queue of 2: of 8 concurrent long requests on 2
+    workers, 2 run, 2 wait for room and then run, 4 get an OpenAI-shaped 503 with Retry-After."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "tandem.cli.main", "--log-level", "WARNING", "serve"]
+    cmd += ["--model", str(tiny_model), "--engine", "sim", "--workers", "2", "--speedup", "1"]
+    cmd += ["--port", str(port), "--router", "kv", "--block-size", "16", "--num-blocks", "64"]
+    # One 200-token prompt (13 blocks of 64) puts a worker past 10% of its KV: busy.
+    cmd += ["--router-busy-threshold", "0.1", "--router-queue-size", "2", "--router-queue-timeout", "30"]
+    cmd += ["--log-dir", str(tmp_path / "logs")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    try:
+        base = _wait_ready(proc, port)
+
+        async def one(i: int) -> httpx.Response:
+            body = {
+                "model": "tiny",
+                "prompt": [(i * 37 + k) % 400 + 1 for k in range(200)],
+                "max_tokens": 150,
+            }
+            async with httpx.AsyncClient(timeout=60) as client:
+                return await client.post(f"{base}/v1/completions", json=body)
+
+        async def burst() -> list[httpx.Response]:
+            return await asyncio.gather(*(one(i) for i in range(8)))
+
+        responses = asyncio.run(burst())
+        ok = [r for r in responses if r.status_code == 200]
+        shed = [r for r in responses if r.status_code == 503]
+        assert len(ok) == 4 and len(shed) == 4, [r.status_code for r in responses]
+        assert all(r.json()["usage"]["completion_tokens"] == 150 for r in ok)
+        for r in shed:
+            assert r.headers["retry-after"] == "1"
+            err = r.json()["error"]
+            assert err["code"] == "overloaded" and "already waiting" in err["message"]
+        metrics = httpx.get(f"{base}/metrics").text
+        assert "tandem_router_queue_waited_total 2.0" in metrics
+        assert "tandem_router_queue_full_total 4.0" in metrics
+        assert "tandem_router_queue_waiting 0.0" in metrics
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _wait_ready(proc: subprocess.Popen[str], port: int) -> str:
+    out = proc.stdout
+    assert out is not None
+    ready_line: list[str] = []
+    reader = threading.Thread(target=lambda: ready_line.append(out.readline()), daemon=True)
+    reader.start()
+    reader.join(READY_TIMEOUT)
+    assert ready_line and ready_line[0].startswith(f"Tandem ready: http://127.0.0.1:{port}/v1")
+    return f"http://127.0.0.1:{port}"

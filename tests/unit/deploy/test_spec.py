@@ -42,6 +42,20 @@ def test_disagg_example_is_recognised_as_disaggregated() -> None:
         ({"model": "m", "router": {"policy": "kv", "decode_weight": -1}, "pools": [{}]}, ">= 0"),
         ({"model": "m", "router": {"policy": "kv", "overlap": 2}, "pools": [{}]}, "unknown router keys"),
         ({"model": "m", "router": {"policy": "kv", "queued_weight": "2"}, "pools": [{}]}, "numbers"),
+        ({"model": "m", "router": {"policy": "kv", "queue_size": 8}, "pools": [{}]}, "set busy_threshold"),
+        ({"model": "m", "router": {"policy": "kv", "busy_threshold": 0}, "pools": [{}]}, "busy_threshold"),
+        (
+            {"model": "m", "router": {"policy": "least-loaded", "busy_threshold": 0.9}, "pools": [{}]},
+            "apply to",
+        ),
+        (
+            {
+                "model": "m",
+                "router": {"policy": "kv", "busy_threshold": 0.9, "queue_size": -1},
+                "pools": [{}],
+            },
+            "queue_size",
+        ),
     ],
 )
 def test_invalid_specs(data: dict, error: str) -> None:
@@ -92,3 +106,18 @@ def test_kv_policy_from_yaml_and_flags() -> None:
     assert spec_from_args(_serve_args("--model", "m", "--router", "kv")).kv_policy == {}
     with pytest.raises(ValueError, match="apply to"):
         spec_from_args(_serve_args("--model", "m", "--router-queued-weight", "2"))
+
+
+def test_busy_limits_and_wait_queue_from_yaml_and_flags() -> None:
+    router = {"policy": "kv", "busy_threshold": 0.9, "busy_prefill_tokens": 16384, "queue_size": 64}
+    spec = DeploymentSpec.from_dict({"model": "m", "router": {**router, "queue_timeout": 5}, "pools": [{}]})
+    assert spec.kv_policy == {"busy_threshold": 0.9, "busy_prefill_tokens": 16384}
+    assert spec.queue_size == 64 and spec.queue_timeout == 5.0
+    ns = _serve_args(
+        "--model", "m", "--router", "kv", "--router-busy-prefill-tokens", "8192", "--router-queue-size", "16",
+    )  # fmt: skip
+    spec = spec_from_args(ns)
+    assert spec.kv_policy == {"busy_prefill_tokens": 8192}
+    assert spec.queue_size == 16 and spec.queue_timeout == 30.0
+    no_queue = spec_from_args(_serve_args("--model", "m", "--router", "kv", "--router-busy-threshold", "0.5"))
+    assert no_queue.queue_size == 0, "a busy limit alone sheds with 503"

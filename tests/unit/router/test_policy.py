@@ -53,6 +53,20 @@ def test_busy_threshold_sheds_load():
     assert pick_kv(4, {}, loads[:1], 16, cfg) is None
 
 
+def test_busy_prefill_tokens_sheds_load_and_an_idle_worker_is_never_busy():
+    cfg = KvPolicyConfig(busy_prefill_tokens=4096)
+    loads = [
+        WorkerLoad("a", 10, queued_prefill_tokens=5000, capacity_blocks=100),
+        WorkerLoad("b", 60, queued_prefill_tokens=4095, capacity_blocks=100),
+    ]
+    assert pick_kv(4, {"a": 4}, loads, 16, cfg) == "b", "a holds the prefix but its queue is full"
+    assert pick_kv(4, {}, loads[:1], 16, cfg) is None
+    both = KvPolicyConfig(busy_threshold=0.5, busy_prefill_tokens=4096)
+    assert pick_kv(4, {}, loads, 16, both) is None, "a: queue full; b: 60% of its KV"
+    idle = [WorkerLoad("c", 0, queued_prefill_tokens=0, capacity_blocks=100)]
+    assert pick_kv(10_000, {}, idle, 16, both) == "c", "a request past every limit still runs alone"
+
+
 def test_temperature_spreads_choices():
     loads = [WorkerLoad("a", 10), WorkerLoad("b", 12)]
     rng = random.Random(0)
@@ -72,6 +86,7 @@ def test_least_loaded():
         ({"long_prompt_tokens": -1}, "long_prompt_tokens"),
         ({"temperature": -0.5}, "temperature"),
         ({"busy_threshold": 0}, "busy_threshold"),
+        ({"busy_prefill_tokens": 0}, "busy_prefill_tokens"),
     ],
 )
 def test_bad_policy_settings_are_clear_errors(fields, message):
