@@ -35,3 +35,16 @@ def kv_policy_from_args(args: argparse.Namespace) -> dict[str, float]:
         if value is not None:
             out[field] = value
     return out
+
+
+def add_queue_args(p: argparse.ArgumentParser) -> None:
+    """The router's wait queue for requests that find every worker busy (`router/admission.py`)."""
+    p.add_argument(
+        "--router-queue-size",
+        type=int,
+        default=0,
+        help="with a busy limit: requests that may wait for room when every worker is busy (0: refuse)",
+    )
+    p.add_argument(
+        "--router-queue-timeout", type=float, default=30.0, help="seconds a request may wait, then refused"
+    )

@@ -20,7 +20,7 @@ import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from tandem.cli.router_args import add_kv_policy_args, kv_policy_from_args
+from tandem.cli.router_args import add_kv_policy_args, add_queue_args, kv_policy_from_args
 from tandem.engines.factory import ENGINES
 
 if TYPE_CHECKING:
@@ -55,15 +55,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--router", default="round-robin", help="round-robin | random | least-loaded | kv | kv-approx"
     )
     add_kv_policy_args(p)
-    p.add_argument(
-        "--router-queue-size",
-        type=int,
-        default=0,
-        help="with a busy limit: requests that may wait for room when every worker is busy (0: 503 at once)",
-    )
-    p.add_argument(
-        "--router-queue-timeout", type=float, default=30.0, help="seconds a request may wait before a 503"
-    )
+    add_queue_args(p)
     p.add_argument("--speedup", type=float, default=1.0, help="sim engine: faster than modelled time")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")

@@ -5,7 +5,8 @@
     tandem sim --trace random --input-len 114 --output-len 50 --limit 4000 --concurrency 64 \
         --workers 2 --block-size 64 --num-blocks 16384      # closed loop, like a benchmark client
 
-Prints one row per (router, workers): hit %, TTFT p50/p90/p99, ITL p50/p99, E2E p50/p99, wall s.
+Prints one row per (router, workers): hit %, TTFT p50/p90/p99, ITL p50/p99, E2E p50/p99, req/s,
+requests the router refused (busy limits), wall s.
 `benchmarks/replay_mooncake.py` is the same command as a script.
 """
 
@@ -16,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tandem.cli.router_args import add_kv_policy_args, kv_policy_from_args
+from tandem.cli.router_args import add_kv_policy_args, add_queue_args, kv_policy_from_args
 
 ROUTER_NAMES = ("round-robin", "random", "least-loaded", "kv")
 
@@ -46,6 +47,7 @@ def add_replay_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timing-profile", default=None, help="ProfileTiming JSON instead of polynomials")
     p.add_argument("--out", default=None, help="write all summaries as JSON here")
     add_kv_policy_args(p)
+    add_queue_args(p)
 
 
 def run_from_args(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -68,6 +70,8 @@ def run_from_args(args: argparse.Namespace) -> list[dict[str, Any]]:
         input_len=args.input_len,
         output_len=args.output_len,
         concurrency=args.concurrency,
+        router_queue_size=args.router_queue_size,
+        router_queue_timeout=args.router_queue_timeout,
     )
     requests = load_trace(spec)
     kv_policy = kv_policy_from_args(args)
@@ -88,19 +92,20 @@ def run_from_args(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def header() -> str:
     cols = ["router", "workers", "hit %", "TTFT p50/p90/p99 ms", "ITL p50/p99 ms", "E2E p50/p99 ms"]
-    cols += ["req/s", "wall s"]
+    cols += ["req/s", "refused", "wall s"]
     return "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols)
 
 
 def row(s: dict[str, Any]) -> str:
+    refused = s.get("router_shed", 0) + s.get("router_timeouts", 0)
     if not s.get("completed"):
-        return f"| {s['router']} | {s['workers']} | - | - | - | - | - | {s['wall_s']:.1f} |"
+        return f"| {s['router']} | {s['workers']} | - | - | - | - | - | {refused} | {s['wall_s']:.1f} |"
     return (
         f"| {s['router']} | {s['workers']} | {100 * s['hit_rate']:.1f} "
         f"| {s['ttft_p50_ms']:,.0f} / {s['ttft_p90_ms']:,.0f} / {s['ttft_p99_ms']:,.0f} "
         f"| {s['itl_p50_ms']:.2f} / {s['itl_p99_ms']:.1f} "
         f"| {s['e2e_p50_ms']:,.0f} / {s['e2e_p99_ms']:,.0f} "
-        f"| {s['request_throughput']:.2f} | {s['wall_s']:.1f} |"
+        f"| {s['request_throughput']:.2f} | {refused} | {s['wall_s']:.1f} |"
     )
 
 

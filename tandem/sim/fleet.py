@@ -16,6 +16,10 @@ to the earliest of (next arrival, earliest step end):
   arrive during a step wait for the next one, as on a real engine.
 - When a step ends, its tokens are recorded at that time and the worker starts its next step at
   once if it has work.
+- A router may find every worker past its busy limit (it returns None). The request then waits in
+  the router's FIFO queue, as in `router/admission.py`: at most `queue_size` wait (0: refused at
+  once), each for at most `queue_timeout` seconds; the head is routed again after every step end
+  (first tokens and finishes free load). Refused requests never finish: the summary counts them.
 
 Nothing sleeps: an hour of trace replays as fast as the scheduler's Python allows.
 """
@@ -26,6 +30,7 @@ import heapq
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -42,6 +47,13 @@ from tandem.sim.metrics import RequestRecord, RunMetrics
 from tandem.sim.routing import RoundRobinRouter, Router
 
 log = logging.getLogger(__name__)
+
+
+class _Busy:
+    """The router found every worker past its busy limit."""
+
+
+BUSY = _Busy()
 
 
 @dataclass(frozen=True)
@@ -94,9 +106,20 @@ class SimWorker:
 class Fleet:
     """Replays requests through `config.num_workers` workers routed by `router`."""
 
-    def __init__(self, config: FleetConfig, router: Router | None = None) -> None:
+    def __init__(
+        self,
+        config: FleetConfig,
+        router: Router | None = None,
+        *,
+        queue_size: int = 0,
+        queue_timeout: float = 30.0,
+    ) -> None:
+        if queue_size < 0 or queue_timeout <= 0:
+            raise ValueError("queue_size must be >= 0 and queue_timeout > 0")
         self.config = config
         self.router = router or RoundRobinRouter()
+        self.queue_size = queue_size
+        self.queue_timeout = queue_timeout
         self.workers = [SimWorker(i, config) for i in range(config.num_workers)]
         self.now = 0.0
         # Optional router hooks (the KV router's): see `tandem.sim.routing.FleetObserver`.
@@ -140,6 +163,8 @@ class Fleet:
         workers = self.workers
         on_output = self._on_output
         heap: list[tuple[float, int]] = []
+        held: deque[tuple[float, int]] = deque()
+        """Requests waiting for a worker under its busy limit: (deadline, request index)."""
         # Closed loop: workers whose step ended when new requests were sent; they start after those
         # requests are queued, so a request sent at t can join a step that starts at t.
         deferred: list[SimWorker] = []
@@ -163,12 +188,20 @@ class Fleet:
                     if closed:
                         heapq.heappop(sends)
                         records[i].arrival = t
-                    w = self._arrive(reqs[i], i, records[i])
+                    # Strict FIFO: while requests wait for room, a new one queues behind them.
+                    w = self._arrive(reqs[i], i, records[i], t) if not held else BUSY
+                    if w is BUSY:
+                        if len(held) < self.queue_size:
+                            held.append((t + self.queue_timeout, i))
+                            metrics.router_waited += 1
+                        else:
+                            metrics.router_shed += 1
+                            w = None
                     if w is None:
                         if closed and issued < n:  # rejected: its connection sends the next one
                             heapq.heappush(sends, send_at(t) if send_at else t)
                             issued += 1
-                    elif not w.busy:
+                    elif isinstance(w, SimWorker) and not w.busy:
                         touched.append(w)
                     i += 1
                 for w in touched:
@@ -193,6 +226,11 @@ class Fleet:
                         heapq.heappush(sends, send_at(t) if send_at else t)
                         issued += 1
             w.pending = []
+            if held:
+                for _ in range(self._route_held(t, held, reqs, records, metrics, heap, w)):
+                    if closed and issued < n:
+                        heapq.heappush(sends, send_at(t) if send_at else t)
+                        issued += 1
             if closed and i < n and sends and sends[0] <= t:
                 deferred.append(w)
             else:
@@ -201,8 +239,43 @@ class Fleet:
         metrics.num_steps = sum(w.core.num_steps for w in workers)
         return metrics
 
-    def _arrive(self, req: TraceRequest, i: int, rec: RequestRecord) -> SimWorker | None:
-        wi = self.router(req, self.workers)
+    def _route_held(
+        self,
+        t: float,
+        held: deque[tuple[float, int]],
+        reqs: Sequence[TraceRequest],
+        records: list[RequestRecord],
+        metrics: RunMetrics,
+        heap: list[tuple[float, int]],
+        ended: SimWorker,
+    ) -> int:
+        """Route waiting requests in order until the router finds every worker busy again; idle
+        workers that got one start now (`ended`, whose step just ended, starts after). Returns how
+        many were refused (timed out, or rejected by the engine)."""
+        refused = 0
+        while held:
+            deadline, j = held[0]
+            if deadline < t:
+                held.popleft()
+                metrics.router_timeouts += 1
+                refused += 1
+                continue
+            w = self._arrive(reqs[j], j, records[j], t)
+            if w is BUSY:
+                break
+            held.popleft()
+            if w is None:
+                refused += 1
+            elif isinstance(w, SimWorker) and w is not ended and not w.busy:
+                self._start(w, t, heap)
+        return refused
+
+    def _arrive(self, req: TraceRequest, i: int, rec: RequestRecord, t: float) -> SimWorker | _Busy | None:
+        """Queue the request on the worker the router picks: that worker, BUSY (every worker past
+        its busy limit: not routed), or None (the engine rejected it)."""
+        wi = self.router(req, self.workers, i, t)
+        if wi is None:
+            return BUSY
         w = self.workers[wi]
         rec.engine = wi
         sampling = SamplingParams(max_tokens=req.output_len, ignore_eos=True)

@@ -43,6 +43,12 @@ class RunMetrics:
     wall_s: float = 0.0
     """Real seconds the simulation took."""
     num_steps: int = 0
+    router_waited: int = 0
+    """Requests that found every worker busy and waited in the router's queue."""
+    router_shed: int = 0
+    """Requests refused at once: every worker busy and the router's queue full (or none)."""
+    router_timeouts: int = 0
+    """Requests refused after waiting the router's queue timeout."""
 
     def on_tokens(self, rec: RequestRecord, t: float, n: int, cached: int, finished: bool) -> None:
         """Record `n` tokens of `rec` that became visible at time `t`."""
@@ -64,6 +70,9 @@ class RunMetrics:
             "completed": len(done),
             "wall_s": self.wall_s,
             "num_steps": self.num_steps,
+            "router_waited": self.router_waited,
+            "router_shed": self.router_shed,
+            "router_timeouts": self.router_timeouts,
         }
         if not done:
             return out

@@ -51,6 +51,9 @@ class ReplaySpec:
     concurrency: int | None = None
     """Closed loop with this many requests in flight, trace order, arrival times ignored
     (see `Fleet.run`); None: open loop at the trace's arrival times."""
+    router_queue_size: int = 0
+    """With a busy limit in the KV policy: requests that may wait for room (see `Fleet`)."""
+    router_queue_timeout: float = 30.0
 
 
 def load_trace(spec: ReplaySpec) -> list[TraceRequest]:
@@ -98,7 +101,12 @@ def replay(
     """Replay the spec's trace (or `requests`, if given) through a fresh fleet. `kv_policy`: KV
     router fields replacing the named router's (see `make_router`)."""
     reqs = requests if requests is not None else load_trace(spec)
-    fleet = Fleet(fleet_config(spec, num_workers), make_router(router, kv_policy))
+    fleet = Fleet(
+        fleet_config(spec, num_workers),
+        make_router(router, kv_policy),
+        queue_size=spec.router_queue_size,
+        queue_timeout=spec.router_queue_timeout,
+    )
     return fleet.run(reqs, concurrency=spec.concurrency)
 
 

@@ -8,7 +8,8 @@ runs with the same arguments route identically.
 A router may also observe the fleet (`FleetObserver`): `attach(workers)` once before the run (the KV
 router installs each engine's KV event sink there, so events reach its index the step they happen),
 and `on_output(t, output)` for every output as it becomes visible (first token: prefill done;
-finish: free). The fleet routes requests once each in arrival order and names request i "i".
+finish: free). The fleet names request i "i" and routes it when it arrives, or later (again) while
+the router finds every worker busy.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ if TYPE_CHECKING:
     from tandem.bench.traces import TraceRequest
     from tandem.sim.fleet import SimWorker
 
-Router = Callable[["TraceRequest", Sequence["SimWorker"]], int]
+Router = Callable[["TraceRequest", Sequence["SimWorker"], int, float], int | None]
+"""(request, workers, request id, now) -> the worker's index, or None when every worker is past the
+router's busy limit. The id names the request in its engine and in `on_output`."""
 
 
 class RoundRobinRouter:
@@ -39,7 +42,9 @@ class RoundRobinRouter:
     def __init__(self) -> None:
         self._next = 0
 
-    def __call__(self, request: TraceRequest, workers: Sequence[SimWorker]) -> int:
+    def __call__(
+        self, request: TraceRequest, workers: Sequence[SimWorker], request_id: int = 0, now: float = 0.0
+    ) -> int:
         i = self._next % len(workers)
         self._next = i + 1
         return i
@@ -51,7 +56,9 @@ class RandomRouter:
     def __init__(self, seed: int = 0) -> None:
         self._rng = random.Random(seed)
 
-    def __call__(self, request: TraceRequest, workers: Sequence[SimWorker]) -> int:
+    def __call__(
+        self, request: TraceRequest, workers: Sequence[SimWorker], request_id: int = 0, now: float = 0.0
+    ) -> int:
         return self._rng.randrange(len(workers))
 
 
@@ -62,7 +69,9 @@ class LeastLoadedRouter:
     def __init__(self) -> None:
         self._tie = 0
 
-    def __call__(self, request: TraceRequest, workers: Sequence[SimWorker]) -> int:
+    def __call__(
+        self, request: TraceRequest, workers: Sequence[SimWorker], request_id: int = 0, now: float = 0.0
+    ) -> int:
         n = len(workers)
         best, best_load = -1, 0
         for k in range(n):
@@ -85,7 +94,6 @@ class KvSimRouter:
         self.config = config or KvRouterConfig()
         self.kv = KvRouter(self.config)
         self._loads: list[WorkerLoad] = []
-        self._next_id = 0
         self._started: set[str] = set()
 
     def attach(self, workers: Sequence[SimWorker]) -> None:
@@ -107,13 +115,12 @@ class KvSimRouter:
 
         return sink
 
-    def __call__(self, request: TraceRequest, workers: Sequence[SimWorker]) -> int:
-        rid = str(self._next_id)
-        self._next_id += 1
+    def __call__(
+        self, request: TraceRequest, workers: Sequence[SimWorker], request_id: int, now: float
+    ) -> int | None:
         hashes = block_hashes(request.prompt_token_ids(), self.config.block_size)
-        decision = self.kv.route(rid, hashes, request.input_len, self._loads, now=request.arrival_s)
-        assert decision is not None, "the simulator sets no busy threshold"
-        return int(decision.worker_id)
+        decision = self.kv.route(str(request_id), hashes, request.input_len, self._loads, now=now)
+        return None if decision is None else int(decision.worker_id)
 
     def on_output(self, t: float, out: EngineOutput) -> None:
         rid = out.request_id
