@@ -127,6 +127,27 @@ def test_serve_busy_limit_queues_then_sheds_with_503(tiny_model: Path, tmp_path:
         assert "tandem_router_queue_waited_total 2.0" in metrics
         assert "tandem_router_queue_full_total 4.0" in metrics
         assert "tandem_router_queue_waiting 0.0" in metrics
+
+        # A client that gives up while its request waits leaves the queue; nothing reaches a worker.
+        async def give_up() -> str:
+            long = [asyncio.create_task(one(10 + i)) for i in range(2)]  # both workers busy again
+            await asyncio.sleep(0.3)
+            async with httpx.AsyncClient(timeout=0.5) as client:
+                with pytest.raises(httpx.ReadTimeout):
+                    await client.post(f"{base}/v1/completions", json={"model": "tiny", "prompt": "hi"})
+                await asyncio.sleep(0.2)
+                waiting = (await client.get(f"{base}/metrics")).text
+            assert all(r.status_code == 200 for r in await asyncio.gather(*long))
+            return waiting
+
+        metrics = asyncio.run(give_up())
+        assert (
+            "tandem_router_queue_waiting 0.0" in metrics and "tandem_router_queue_waited_total 3.0" in metrics
+        )
+        decisions = [
+            line for line in metrics.splitlines() if line.startswith("tandem_router_decisions_total")
+        ]
+        assert sum(float(line.split()[-1]) for line in decisions) == 6.0, decisions  # 4 + 2: not the 3rd
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
