@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import Counter
+from collections.abc import AsyncGenerator
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ import pytest
 from tandem.control.discovery import MemoryDiscovery
 from tandem.engine.config import EngineConfig
 from tandem.protocol.errors import OverloadedError
-from tandem.protocol.messages import GenerateRequest, SamplingSpec
+from tandem.protocol.messages import EngineOutput, GenerateRequest, SamplingSpec
 from tandem.router.admission import AdmissionQueue
 from tandem.router.backend import RouterBackend
 from tandem.router.kv import KvRouterConfig
@@ -110,7 +111,7 @@ async def test_bootstrap_from_dumps_gap_resync_and_purge(model_dir: Path) -> Non
     _, holder = await route_one(first, "a", prefix + tokens(3, BS))
     # A second router (a replica, or a restart) learns the cache from dumps alone.
     second = RouterBackend(d, "kv")
-    second.policy.sync(d.snapshot())  # type: ignore[attr-defined]
+    second.policy.sync(d.snapshot())
     await asyncio.sleep(0.3)
     policy = second.policy
     assert isinstance(policy, KvPolicy)
@@ -157,37 +158,46 @@ async def test_approximate_mode_follows_its_own_decisions(model_dir: Path) -> No
         await w.stop()
 
 
-async def test_busy_workers_shed_with_overloaded(model_dir: Path) -> None:
+async def busy_fleet(
+    model_dir: Path, n: int, queue: AdmissionQueue | None = None
+) -> tuple[list[Worker], RouterBackend, list[AsyncGenerator[EngineOutput, None]]]:
+    """n workers behind a KV router with a 20% busy threshold, each made busy by one long request
+    (60 blocks of its 256) whose stream is open and has produced its first token."""
     d = MemoryDiscovery()
-    workers = await start_workers(model_dir, d, n=2)
+    workers = await start_workers(model_dir, d, n=n)
     cfg = KvRouterConfig(policy=KvPolicyConfig(**{**TUNED.__dict__, "busy_threshold": 0.2}))
-    backend = RouterBackend(d, KvPolicy(cfg))
-    # 60 blocks of 256 each: two such requests fill both workers past 20%.
+    backend = RouterBackend(d, KvPolicy(cfg), admission=queue)
     streams = [backend.generate(GenerateRequest(f"l{i}", "simmodel", tokens(20 + i, 60 * BS),
-                                                SamplingSpec(max_tokens=200))) for i in range(2)]  # fmt: skip
+                                                SamplingSpec(max_tokens=500))) for i in range(n)]  # fmt: skip
     for s in streams:
         await anext(s)
+    return workers, backend, streams
+
+
+async def stop(
+    workers: list[Worker], backend: RouterBackend, streams: list[AsyncGenerator[EngineOutput, None]]
+) -> None:
+    for s in streams:
+        await s.aclose()
+    await backend.close()
+    for w in workers:
+        await w.stop()
+
+
+async def test_busy_workers_shed_with_overloaded(model_dir: Path) -> None:
+    workers, backend, streams = await busy_fleet(model_dir, 2)
     with pytest.raises(OverloadedError):
         await run(backend, "shed", tokens(30, 4 * BS))
     for s in streams:
         await s.aclose()
     await asyncio.sleep(0.2)  # the inner streams close (and free their load) via the loop's finalizer
     await run(backend, "after", tokens(31, 4 * BS))  # load freed on close: accepted again
-    await backend.close()
-    for w in workers:
-        await w.stop()
+    await stop(workers, backend, [])
 
 
 async def test_busy_workers_queue_requests_until_room_frees(model_dir: Path) -> None:
-    d = MemoryDiscovery()
-    workers = await start_workers(model_dir, d, n=2)
-    cfg = KvRouterConfig(policy=KvPolicyConfig(**{**TUNED.__dict__, "busy_threshold": 0.2}))
     queue = AdmissionQueue(max_waiting=1, timeout=10)
-    backend = RouterBackend(d, KvPolicy(cfg), admission=queue)
-    streams = [backend.generate(GenerateRequest(f"l{i}", "simmodel", tokens(20 + i, 60 * BS),
-                                                SamplingSpec(max_tokens=500))) for i in range(2)]  # fmt: skip
-    for s in streams:
-        await anext(s)  # both workers now past 20% of their KV
+    workers, backend, streams = await busy_fleet(model_dir, 2, queue)
     waiter = asyncio.create_task(run(backend, "waits", tokens(30, 4 * BS)))
     await asyncio.sleep(0.3)
     assert not waiter.done() and queue.waiting == 1, "a busy fleet queues the request, no 503"
@@ -196,26 +206,13 @@ async def test_busy_workers_queue_requests_until_room_frees(model_dir: Path) -> 
     await streams[0].aclose()  # room frees on one worker
     await asyncio.wait_for(waiter, 10)
     assert queue.queued_total == 1 and queue.full_total == 1 and queue.waiting == 0
-    await streams[1].aclose()
-    await backend.close()
-    for w in workers:
-        await w.stop()
+    await stop(workers, backend, streams[1:])
 
 
 async def test_a_request_that_waits_too_long_gets_overloaded(model_dir: Path) -> None:
-    d = MemoryDiscovery()
-    workers = await start_workers(model_dir, d, n=1)
-    cfg = KvRouterConfig(policy=KvPolicyConfig(**{**TUNED.__dict__, "busy_threshold": 0.2}))
     queue = AdmissionQueue(max_waiting=4, timeout=0.3)
-    backend = RouterBackend(d, KvPolicy(cfg), admission=queue)
-    long = backend.generate(
-        GenerateRequest("l", "simmodel", tokens(40, 60 * BS), SamplingSpec(max_tokens=500))
-    )
-    await anext(long)
+    workers, backend, streams = await busy_fleet(model_dir, 1, queue)
     with pytest.raises(OverloadedError, match=r"stayed busy for 0\.3 s"):
         await run(backend, "late", tokens(41, 4 * BS))
     assert queue.timeouts_total == 1 and queue.waiting == 0
-    await long.aclose()
-    await backend.close()
-    for w in workers:
-        await w.stop()
+    await stop(workers, backend, streams)

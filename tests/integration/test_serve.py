@@ -36,16 +36,7 @@ def test_serve_streams_and_drains_on_sigterm(tiny_model: Path, tmp_path: Path) -
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     workers: list[int] = []
     try:
-        out = proc.stdout
-        assert out is not None
-        ready_line: list[str] = []
-        reader = threading.Thread(target=lambda: ready_line.append(out.readline()), daemon=True)
-        reader.start()
-        reader.join(READY_TIMEOUT)
-        assert ready_line and ready_line[0].startswith(
-            f"Tandem ready: http://127.0.0.1:{port}/v1 (2 workers)"
-        )
-        base = f"http://127.0.0.1:{port}"
+        base = _wait_ready(proc, port, "(2 workers)")
         pgrep = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
         workers = [int(p) for p in pgrep.stdout.split()]
         assert len(workers) == 2
@@ -157,12 +148,13 @@ def test_serve_busy_limit_queues_then_sheds_with_503(tiny_model: Path, tmp_path:
             proc.wait()
 
 
-def _wait_ready(proc: subprocess.Popen[str], port: int) -> str:
+def _wait_ready(proc: subprocess.Popen[str], port: int, detail: str = "") -> str:
+    """The base URL once `tandem serve` prints its readiness line (`detail` must follow the URL)."""
     out = proc.stdout
     assert out is not None
     ready_line: list[str] = []
     reader = threading.Thread(target=lambda: ready_line.append(out.readline()), daemon=True)
     reader.start()
     reader.join(READY_TIMEOUT)
-    assert ready_line and ready_line[0].startswith(f"Tandem ready: http://127.0.0.1:{port}/v1")
+    assert ready_line and ready_line[0].startswith(f"Tandem ready: http://127.0.0.1:{port}/v1 {detail}")
     return f"http://127.0.0.1:{port}"
