@@ -149,7 +149,7 @@ async def serve(
     from tandem.control.discovery import MemoryDiscovery
     from tandem.control.registry import RegistryServer
     from tandem.deploy.local import LocalLauncher
-    from tandem.router.admission import AdmissionQueue
+    from tandem.router.admission import AdmissionQueues
     from tandem.router.backend import RouterBackend
     from tandem.router.basic import make_policy
     from tandem.router.disagg import DisaggPolicy
@@ -169,7 +169,7 @@ async def serve(
     registry = RegistryServer(store, host=spec.host, port=registry_port)
     await registry.start()
     disagg = DisaggPolicy(spec.disagg_min_prompt_tokens, spec.enforce_disagg)
-    queue = AdmissionQueue(spec.queue_size, spec.queue_timeout) if spec.queue_size else None
+    queue = AdmissionQueues(spec.queue_size, spec.queue_timeout) if spec.queue_size else None
     backend = RouterBackend(store, make_policy(spec.policy, spec.kv_policy), disagg=disagg, admission=queue)
     launcher = LocalLauncher(
         spec, registry.address, log_dir=log_dir, log_level=log_level, drain_timeout=drain_timeout

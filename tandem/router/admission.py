@@ -10,6 +10,9 @@ OverloadedError, a 503 with Retry-After. Strict FIFO: while anyone waits, a new 
 behind them instead of taking the room the head is about to get. Only the head retries: when
 notified, and every `poll` seconds (a worker that joined, load entries that expired). A waiter that
 leaves for any reason (placed, timed out, its client gone) hands the turn to the next.
+
+`AdmissionQueues` keeps one such queue per worker pool (prefill, decode): in disaggregated serving a
+request waiting for a decode worker must not hold up the prefill of the requests behind it.
 """
 
 from __future__ import annotations
@@ -101,28 +104,50 @@ class AdmissionQueue:
         if self._line:
             self._line[0].set()
 
+
+class AdmissionQueues:
+    """One `AdmissionQueue` per worker pool, all with the same limits, made on first use."""
+
+    def __init__(self, max_waiting: int, timeout: float = DEFAULT_TIMEOUT_S, poll: float = POLL_S) -> None:
+        AdmissionQueue(max_waiting, timeout, poll)  # validates the limits now, not on first use
+        self._limits = (max_waiting, timeout, poll)
+        self.pools: dict[str, AdmissionQueue] = {}
+
+    def pool(self, name: str) -> AdmissionQueue:
+        queue = self.pools.get(name)
+        if queue is None:
+            queue = self.pools[name] = AdmissionQueue(*self._limits)
+        return queue
+
     def collector(self) -> Collector:
         return _QueueCollector(self)
 
 
+_METRICS = (
+    ("waited", "Requests that waited for a worker", "queued_total"),
+    ("full", "Requests refused: the wait queue was full", "full_total"),
+    ("timeouts", "Requests refused: every worker stayed busy too long", "timeouts_total"),
+    ("wait_seconds", "Time requests spent in the wait queue", "wait_seconds_total"),
+)
+
+
 class _QueueCollector(Collector):
-    def __init__(self, queue: AdmissionQueue) -> None:
-        self.queue = queue
+    def __init__(self, queues: AdmissionQueues) -> None:
+        self.queues = queues
 
     def collect(self) -> Iterator[Any]:
-        q, p = self.queue, "tandem_router_queue"
-        yield GaugeMetricFamily(f"{p}_waiting", "Requests waiting for a worker under its busy limit",
-                                value=q.waiting)  # fmt: skip
-        yield CounterMetricFamily(f"{p}_waited", "Requests that waited for a worker", value=q.queued_total)
-        yield CounterMetricFamily(
-            f"{p}_full", "Requests refused: the wait queue was full", value=q.full_total
+        p, pools = "tandem_router_queue", sorted(self.queues.pools.items())
+        waiting = GaugeMetricFamily(
+            f"{p}_waiting", "Requests waiting for a worker under its busy limit", labels=["pool"]
         )
-        yield CounterMetricFamily(
-            f"{p}_timeouts", "Requests refused: every worker stayed busy too long", value=q.timeouts_total
-        )
-        yield CounterMetricFamily(
-            f"{p}_wait_seconds", "Time requests spent in the wait queue", value=q.wait_seconds_total
-        )
+        for name, q in pools:
+            waiting.add_metric([name], q.waiting)
+        yield waiting
+        for suffix, what, attr in _METRICS:
+            family = CounterMetricFamily(f"{p}_{suffix}", what, labels=["pool"])
+            for name, q in pools:
+                family.add_metric([name], getattr(q, attr))
+            yield family
 
     def describe(self) -> Iterator[Any]:
         return iter(())

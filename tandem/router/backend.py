@@ -4,7 +4,7 @@ generate(): candidates = live, ready workers of the request's model -> policy pi
 from it over a pooled connection. If the worker cannot take the request (unreachable, draining,
 overloaded) before any output arrived, the next candidate is tried; once output has flowed, a worker
 death surfaces as WorkerLostError (resuming on another worker is the fault-tolerance issue's job).
-When the policy finds every worker past its busy limit (BusyError), the request waits in the
+When the policy finds every worker past its busy limit (BusyError), the request waits in its pool's
 `admission` queue if one is configured (bounded in size and time), else it gets a 503 at once.
 """
 
@@ -14,6 +14,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
+from functools import partial
 
 import msgspec
 
@@ -23,7 +24,7 @@ from tandem.protocol.errors import ModelNotFoundError, OverloadedError, WorkerLo
 from tandem.protocol.messages import EngineOutput, GenerateRequest
 from tandem.protocol.registry import WorkerInfo
 from tandem.protocol.rpc import GenerateCall, merge_outputs
-from tandem.router.admission import AdmissionQueue
+from tandem.router.admission import AdmissionQueues
 from tandem.router.basic import Policy, make_policy
 from tandem.router.disagg import DisaggPolicy
 from tandem.router.disagg_metrics import DisaggMetrics
@@ -43,7 +44,7 @@ class RouterBackend:
         *,
         max_attempts: int = 3,
         disagg: DisaggPolicy | None = None,
-        admission: AdmissionQueue | None = None,
+        admission: AdmissionQueues | None = None,
     ) -> None:
         self.discovery = discovery
         self.policy = make_policy(policy) if isinstance(policy, str) else policy
@@ -84,7 +85,7 @@ class RouterBackend:
         if mode == "refuse":
             raise OverloadedError(f"no live prefill worker for {req.model!r} and disaggregation is enforced")
         if mode == "local":
-            async for out in self._stream(req, lambda: self._decode_candidates(req.model)):
+            async for out in self._stream(req, lambda: self._decode_candidates(req.model), "decode"):
                 yield out
             return
         async for out in self._disaggregated(req):
@@ -100,7 +101,8 @@ class RouterBackend:
         first: EngineOutput | None = None
         sent = time.perf_counter()
         try:
-            async for out in self._stream(prefill_req, lambda: self._role_candidates(req.model, "prefill")):
+            prefill_workers = partial(self._role_candidates, req.model, "prefill")
+            async for out in self._stream(prefill_req, prefill_workers, "prefill"):
                 first = out if first is None else merge_outputs(first, out)
         except (OverloadedError, WorkerLostError) as e:
             if self.disagg.enforce:
@@ -110,7 +112,7 @@ class RouterBackend:
             log.warning(
                 "request %s: remote prefill failed (%s); prefilling on a decode worker", req.request_id, e
             )
-            async for out in self._stream(req, lambda: self._decode_candidates(req.model)):
+            async for out in self._stream(req, lambda: self._decode_candidates(req.model), "decode"):
                 yield out
             return
         assert first is not None and first.finish_reason is not None, "a stream ends with a finish reason"
@@ -135,7 +137,7 @@ class RouterBackend:
                 num_cached_tokens=cached,
             )
             sent = time.perf_counter()
-            async for out in self._stream(decode_req, lambda: self._decode_candidates(req.model)):
+            async for out in self._stream(decode_req, lambda: self._decode_candidates(req.model), "decode"):
                 if sent:
                     self.disagg_metrics.handoff.observe(time.perf_counter() - sent)
                     sent = 0.0
@@ -149,10 +151,10 @@ class RouterBackend:
                 await release_hold(params["remote_address"], params["remote_handle"])
 
     async def _stream(
-        self, req: GenerateRequest, candidates_of: Callable[[], list[WorkerInfo]]
+        self, req: GenerateRequest, candidates_of: Callable[[], list[WorkerInfo]], pool: str
     ) -> AsyncIterator[EngineOutput]:
-        """Stream from one worker the policy picks among `candidates_of()`; retry elsewhere while no
-        output has flowed."""
+        """Stream from one worker the policy picks among `candidates_of()` (the `pool`'s workers);
+        retry elsewhere while no output has flowed."""
         tried: set[str] = set()
         last_error: Exception | None = None
 
@@ -169,7 +171,7 @@ class RouterBackend:
             chosen = self.policy.pick(req, views)
             return next(w for w in candidates if w.worker_id == chosen)
 
-        admission = self.admission
+        admission = None if self.admission is None else self.admission.pool(pool)
         for _ in range(self.max_attempts):
             worker = place() if admission is None else await admission.place(place)
             if worker is None:

@@ -15,8 +15,9 @@ from tandem.control.discovery import MemoryDiscovery
 from tandem.engine.config import EngineConfig
 from tandem.protocol.errors import OverloadedError
 from tandem.protocol.messages import EngineOutput, GenerateRequest, SamplingSpec
-from tandem.router.admission import AdmissionQueue
+from tandem.router.admission import AdmissionQueues
 from tandem.router.backend import RouterBackend
+from tandem.router.disagg import DisaggPolicy
 from tandem.router.kv import KvRouterConfig
 from tandem.router.kv_policy import TUNED, KvPolicy
 from tandem.router.policy import KvPolicyConfig
@@ -159,7 +160,7 @@ async def test_approximate_mode_follows_its_own_decisions(model_dir: Path) -> No
 
 
 async def busy_fleet(
-    model_dir: Path, n: int, queue: AdmissionQueue | None = None
+    model_dir: Path, n: int, queue: AdmissionQueues | None = None
 ) -> tuple[list[Worker], RouterBackend, list[AsyncGenerator[EngineOutput, None]]]:
     """n workers behind a KV router with a 20% busy threshold, each made busy by one long request
     (60 blocks of its 256) whose stream is open and has produced its first token."""
@@ -196,8 +197,9 @@ async def test_busy_workers_shed_with_overloaded(model_dir: Path) -> None:
 
 
 async def test_busy_workers_queue_requests_until_room_frees(model_dir: Path) -> None:
-    queue = AdmissionQueue(max_waiting=1, timeout=10)
-    workers, backend, streams = await busy_fleet(model_dir, 2, queue)
+    queues = AdmissionQueues(max_waiting=1, timeout=10)
+    workers, backend, streams = await busy_fleet(model_dir, 2, queues)
+    queue = queues.pool("decode")  # aggregated workers generate: the decode pool
     waiter = asyncio.create_task(run(backend, "waits", tokens(30, 4 * BS)))
     await asyncio.sleep(0.3)
     assert not waiter.done() and queue.waiting == 1, "a busy fleet queues the request, no 503"
@@ -210,9 +212,50 @@ async def test_busy_workers_queue_requests_until_room_frees(model_dir: Path) -> 
 
 
 async def test_a_request_that_waits_too_long_gets_overloaded(model_dir: Path) -> None:
-    queue = AdmissionQueue(max_waiting=4, timeout=0.3)
-    workers, backend, streams = await busy_fleet(model_dir, 1, queue)
+    queues = AdmissionQueues(max_waiting=4, timeout=0.3)
+    workers, backend, streams = await busy_fleet(model_dir, 1, queues)
+    queue = queues.pool("decode")
     with pytest.raises(OverloadedError, match=r"stayed busy for 0\.3 s"):
         await run(backend, "late", tokens(41, 4 * BS))
     assert queue.timeouts_total == 1 and queue.waiting == 0
     await stop(workers, backend, streams)
+
+
+async def test_disaggregated_pools_queue_separately(model_dir: Path) -> None:
+    """A request waiting for a busy decode worker does not hold up the next request's prefill."""
+    d = MemoryDiscovery()
+    workers = []
+    for role in ("prefill", "decode"):
+        cfg = WorkerConfig(
+            str(model_dir), engine="sim", worker_id=role, role=role, speedup=100,
+            engine_config=EngineConfig(block_size=BS, num_blocks=256), load_interval=0.05,
+        )  # fmt: skip
+        workers.append(Worker(cfg, d))
+        await workers[-1].start()
+    policy = KvPolicy(KvRouterConfig(policy=KvPolicyConfig(**{**TUNED.__dict__, "busy_threshold": 0.2})))
+    queues = AdmissionQueues(max_waiting=4, timeout=10)
+    backend = RouterBackend(d, policy, disagg=DisaggPolicy(64), admission=queues)
+
+    def request(rid: str, seed: int, blocks: int, n: int) -> GenerateRequest:
+        return GenerateRequest(rid, "simmodel", tokens(seed, blocks * BS), SamplingSpec(max_tokens=n))
+
+    long = backend.generate(request("long", 50, 60, 500))
+    await anext(long)  # the first token, from the prefill worker
+    await anext(long)  # the second, from its decode leg: 60 of the decode worker's 256 blocks, busy
+    b = asyncio.create_task(_drain(backend.generate(request("b", 51, 8, 4))))
+    await asyncio.sleep(0.3)
+    assert queues.pool("decode").waiting == 1 and not b.done(), "b: prefilled, its decode leg waits"
+    c = backend.generate(request("c", 52, 8, 4))
+    await asyncio.wait_for(anext(c), 5)  # c's prefill is not held up behind b's decode leg
+    rest = asyncio.create_task(_drain(c))
+    await asyncio.sleep(0.3)
+    assert queues.pool("decode").waiting == 2 and queues.pool("prefill").queued_total == 0
+    await long.aclose()
+    assert [len(x) for x in await asyncio.wait_for(asyncio.gather(b, rest), 10)] == [4, 3]
+    await backend.close()
+    for w in workers:
+        await w.stop()
+
+
+async def _drain(stream: AsyncGenerator[EngineOutput, None]) -> list[int]:
+    return [t async for out in stream for t in out.new_token_ids]

@@ -115,9 +115,9 @@ def test_serve_busy_limit_queues_then_sheds_with_503(tiny_model: Path, tmp_path:
             err = r.json()["error"]
             assert err["code"] == "overloaded" and "already waiting" in err["message"]
         metrics = httpx.get(f"{base}/metrics").text
-        assert "tandem_router_queue_waited_total 2.0" in metrics
-        assert "tandem_router_queue_full_total 4.0" in metrics
-        assert "tandem_router_queue_waiting 0.0" in metrics
+        assert 'tandem_router_queue_waited_total{pool="decode"} 2.0' in metrics
+        assert 'tandem_router_queue_full_total{pool="decode"} 4.0' in metrics
+        assert 'tandem_router_queue_waiting{pool="decode"} 0.0' in metrics
 
         # A client that gives up while its request waits leaves the queue; nothing reaches a worker.
         async def give_up() -> str:
@@ -133,7 +133,8 @@ def test_serve_busy_limit_queues_then_sheds_with_503(tiny_model: Path, tmp_path:
 
         metrics = asyncio.run(give_up())
         assert (
-            "tandem_router_queue_waiting 0.0" in metrics and "tandem_router_queue_waited_total 3.0" in metrics
+            'tandem_router_queue_waiting{pool="decode"} 0.0' in metrics
+            and 'tandem_router_queue_waited_total{pool="decode"} 3.0' in metrics
         )
         decisions = [
             line for line in metrics.splitlines() if line.startswith("tandem_router_decisions_total")

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from tandem.protocol.errors import BusyError, InvalidRequestError, OverloadedError
-from tandem.router.admission import AdmissionQueue
+from tandem.router.admission import AdmissionQueue, AdmissionQueues
 
 
 class Room:
@@ -136,8 +136,24 @@ async def test_other_errors_propagate_and_leave_the_line() -> None:
     assert q.waiting == 0
 
 
+async def test_pools_wait_in_separate_lines() -> None:
+    """Disaggregated serving: a request waiting for a decode worker must not hold up a prefill."""
+    queues = AdmissionQueues(4, timeout=5)
+    decode_room, prefill_room = Room(0), Room(1)
+    waiting = asyncio.create_task(queues.pool("decode").place(decode_room.taker("decode leg")))
+    await settle()
+    assert await queues.pool("prefill").place(prefill_room.taker("prefill leg")) == "prefill leg"
+    assert not waiting.done() and queues.pool("decode").waiting == 1
+    decode_room.free = 1
+    queues.pool("decode").notify()
+    assert await waiting == "decode leg"
+    assert sorted(queues.pools) == ["decode", "prefill"]
+
+
 def test_bad_settings() -> None:
     with pytest.raises(ValueError, match="max_waiting"):
         AdmissionQueue(0)
     with pytest.raises(ValueError, match="timeout"):
         AdmissionQueue(1, timeout=0)
+    with pytest.raises(ValueError, match="max_waiting"):
+        AdmissionQueues(0)  # checked when made, not on first use
