@@ -11,14 +11,18 @@ No I/O and no clock of its own (`now` is passed in), so the fleet simulator driv
 virtual time and the HTTP router (`router/kv_policy.py`) on the monotonic clock.
 
 Approximate mode (`approx_ttl` set) needs no events: the router predicts that the worker it picked
-holds the request's blocks for `approx_ttl` seconds, and indexes that prediction instead.
+holds the request's blocks for `approx_ttl` seconds, and indexes that prediction instead. When the
+candidates report their KV capacity, each worker's predicted cache is also an LRU of that many
+blocks (the prompt's first block the most recent, as an engine frees a sequence tail first), so the
+prediction follows how long a prefix really stays cached, which a fixed TTL cannot: on the Mooncake
+trace a prefix lives ~100 s in 4 workers' caches and over 200 s in 8's.
 """
 
 from __future__ import annotations
 
 import random
 import time
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from operator import attrgetter
@@ -109,6 +113,8 @@ class KvRouter:
         self._predicted: deque[tuple[float, str, list[int]]] = deque()
         self._predicted_until: dict[tuple[str, int], float] = {}
         self._synthetic_ids: Counter[str] = Counter()
+        self._predicted_lru: dict[str, OrderedDict[int, None]] = {}
+        """Approximate mode: each worker's predicted cache, least recently routed first."""
         # Each worker's load at index `slot`, refreshed for the workers whose load changed since the
         # last decision (`_dirty`), so a decision over 1,000 workers is a few array operations.
         self._load_blocks = np.zeros(0, np.int64)
@@ -185,7 +191,7 @@ class KvRouter:
         self.active.add(request_id, chosen, num_blocks, prefill, now)
         self._touch(chosen)
         if self.approximate and not kv_transferred:
-            self._predict(chosen, list(block_hashes), now, bs)
+            self._predict(chosen, list(block_hashes), now, bs, candidates[i].capacity_blocks)
         m = self.metrics
         m.decisions[chosen] += 1
         m.prompt_tokens += num_tokens
@@ -228,6 +234,7 @@ class KvRouter:
             self._slots_of.clear()
         self._dirty.discard(worker)
         self._synthetic_ids.pop(worker, None)
+        self._predicted_lru.pop(worker, None)
         self._predicted_until = {k: v for k, v in self._predicted_until.items() if k[0] != worker}
 
     def loads(self, workers: Sequence[str]) -> list[WorkerLoad]:
@@ -269,15 +276,30 @@ class KvRouter:
                 self._load_queued[s] = a.queued_prefill_tokens(w)
         self._dirty.clear()
 
-    def _predict(self, worker: str, hashes: list[int], now: float, block_size: int) -> None:
+    def _predict(self, worker: str, hashes: list[int], now: float, block_size: int, capacity: int) -> None:
         assert self.config.approx_ttl is not None
         until = now + self.config.approx_ttl
         for h in hashes:
             self._predicted_until[(worker, h)] = until
         self._predicted.append((until, worker, hashes))
+        self.indexer.apply_events(worker, [BlockStored(self._event_id(worker), hashes, None, block_size)])
+        if capacity <= 0:
+            return  # capacity unknown: the TTL alone bounds the prediction
+        lru = self._predicted_lru.setdefault(worker, OrderedDict())
+        for h in reversed(hashes):  # the first block ends most recent: evicted last
+            lru[h] = None
+            lru.move_to_end(h)
+        if len(lru) > capacity:
+            gone = [lru.popitem(last=False)[0] for _ in range(len(lru) - capacity)]
+            for h in gone:
+                self._predicted_until.pop((worker, h), None)
+            self.indexer.apply_events(worker, [BlockRemoved(self._event_id(worker), gone)])
+
+    def _event_id(self, worker: str) -> int:
+        """The next id of a predicted event, numbered per worker as a worker numbers its own."""
         eid = self._synthetic_ids[worker]
         self._synthetic_ids[worker] = eid + 1
-        self.indexer.apply_events(worker, [BlockStored(eid, hashes, None, block_size)])
+        return eid
 
     def _expire_predictions(self, now: float) -> None:
         q = self._predicted
@@ -285,9 +307,10 @@ class KvRouter:
             until, worker, hashes = q.popleft()
             # A later route of the same prefix to the same worker renewed these blocks: keep those.
             gone = [h for h in hashes if self._predicted_until.get((worker, h)) == until]
+            lru = self._predicted_lru.get(worker)
             for h in gone:
                 del self._predicted_until[(worker, h)]
+                if lru is not None:
+                    lru.pop(h, None)
             if gone and worker in self._synthetic_ids:
-                eid = self._synthetic_ids[worker]
-                self._synthetic_ids[worker] = eid + 1
-                self.indexer.apply_events(worker, [BlockRemoved(eid, gone)])
+                self.indexer.apply_events(worker, [BlockRemoved(self._event_id(worker), gone)])

@@ -91,6 +91,23 @@ def test_approximate_mode_predicts_then_forgets():
     assert first.worker_id not in r.indexer.find_matches(h)
 
 
+def test_approximate_mode_predicts_a_cache_of_the_workers_capacity():
+    """Each worker's predicted cache is an LRU of its capacity; a prompt's first blocks go last."""
+    r = KvRouter(KvRouterConfig(block_size=BS, approx_ttl=600.0))
+    one = [WorkerLoad("w0", capacity_blocks=4)]
+    a, b = block_hashes(prompt(1, 3), BS), block_hashes(prompt(2, 3), BS)
+    assert r.route("a", a, 3 * BS, one, now=0.0) is not None
+    r.finish("a")
+    assert r.route("b", b, 3 * BS, one, now=1.0) is not None  # 6 predicted blocks > 4: evict 2
+    r.finish("b")
+    assert r.indexer.find_matches(a) == {"w0": 1}, "a's tail went first; its first block is left"
+    assert r.indexer.find_matches(b) == {"w0": 3}
+    unknown = [WorkerLoad("w1")]  # capacity not reported: the TTL alone bounds the prediction
+    for i in range(10):
+        r.route(f"u{i}", block_hashes(prompt(10 + i, 3), BS), 3 * BS, unknown, now=2.0)
+    assert r.indexer.find_matches(block_hashes(prompt(10, 3), BS)) == {"w1": 3}
+
+
 def test_busy_threshold_sheds():
     r = KvRouter(KvRouterConfig(block_size=BS, policy=KvPolicyConfig(busy_threshold=0.5)))
     small = [WorkerLoad("w0", capacity_blocks=10)]
