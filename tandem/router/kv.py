@@ -15,7 +15,7 @@ holds the request's blocks for `approx_ttl` seconds, and indexes that prediction
 candidates report their KV capacity, each worker's predicted cache is also an LRU of that many
 blocks (the prompt's first block the most recent, as an engine frees a sequence tail first), so the
 prediction follows how long a prefix really stays cached, which a fixed TTL cannot: on the Mooncake
-trace a prefix lives ~100 s in 4 workers' caches and over 200 s in 8's.
+trace a prefix lives ~100 s in 4 workers' caches and much longer in 8's.
 """
 
 from __future__ import annotations
