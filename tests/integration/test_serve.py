@@ -97,7 +97,7 @@ def test_serve_busy_limit_queues_then_sheds_with_503(tiny_model: Path, tmp_path:
             body = {
                 "model": "tiny",
                 "prompt": [(i * 37 + k) % 400 + 1 for k in range(200)],
-                "max_tokens": 150,
+                "max_tokens": 300,  # ~1.8 s each: the burst is all in before any ends
             }
             async with httpx.AsyncClient(timeout=60) as client:
                 return await client.post(f"{base}/v1/completions", json=body)
@@ -109,7 +109,7 @@ def test_serve_busy_limit_queues_then_sheds_with_503(tiny_model: Path, tmp_path:
         ok = [r for r in responses if r.status_code == 200]
         shed = [r for r in responses if r.status_code == 503]
         assert len(ok) == 4 and len(shed) == 4, [r.status_code for r in responses]
-        assert all(r.json()["usage"]["completion_tokens"] == 150 for r in ok)
+        assert all(r.json()["usage"]["completion_tokens"] == 300 for r in ok)
         for r in shed:
             assert r.headers["retry-after"] == "1"
             err = r.json()["error"]
