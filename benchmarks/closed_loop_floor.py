@@ -102,13 +102,7 @@ def frontend_table(n: int) -> None:
             fleet = Fleet(fleet_config(spec, WORKERS), make_router(router))
             frontend = SerialFrontend(intake_us / 1e6, jitter_ms / 1e3)
             s = fleet.run(reqs, concurrency=64, send_at=frontend).summary()
-            row = [
-                s["request_throughput"],
-                s["ttft_p50_ms"],
-                s["ttft_p99_ms"],
-                s["tpot_p50_ms"],
-                s["tpot_p99_ms"],
-            ]
+            row = [s[k] for k in KEYS]
             print(f"| {intake_us} / {jitter_ms} | {router} | " + " | ".join(f"{v:.2f}" for v in row) + " |")
 
 

@@ -34,12 +34,16 @@ DEFAULT_TIMEOUT_S = 30.0
 POLL_S = 0.05
 
 
+def _check_limits(max_waiting: int, timeout: float, poll: float) -> None:
+    if max_waiting < 1:
+        raise ValueError(f"max_waiting must be >= 1, got {max_waiting}")
+    if timeout <= 0 or poll <= 0:
+        raise ValueError("timeout and poll must be > 0")
+
+
 class AdmissionQueue:
     def __init__(self, max_waiting: int, timeout: float = DEFAULT_TIMEOUT_S, poll: float = POLL_S) -> None:
-        if max_waiting < 1:
-            raise ValueError(f"max_waiting must be >= 1, got {max_waiting}")
-        if timeout <= 0 or poll <= 0:
-            raise ValueError("timeout and poll must be > 0")
+        _check_limits(max_waiting, timeout, poll)
         self.max_waiting = max_waiting
         self.timeout = timeout
         self.poll = poll
@@ -109,7 +113,7 @@ class AdmissionQueues:
     """One `AdmissionQueue` per worker pool, all with the same limits, made on first use."""
 
     def __init__(self, max_waiting: int, timeout: float = DEFAULT_TIMEOUT_S, poll: float = POLL_S) -> None:
-        AdmissionQueue(max_waiting, timeout, poll)  # validates the limits now, not on first use
+        _check_limits(max_waiting, timeout, poll)  # now, not on first use
         self._limits = (max_waiting, timeout, poll)
         self.pools: dict[str, AdmissionQueue] = {}
 

@@ -85,7 +85,7 @@ class RouterBackend:
         if mode == "refuse":
             raise OverloadedError(f"no live prefill worker for {req.model!r} and disaggregation is enforced")
         if mode == "local":
-            async for out in self._stream(req, lambda: self._decode_candidates(req.model), "decode"):
+            async for out in self._stream(req, partial(self._decode_candidates, req.model), "decode"):
                 yield out
             return
         async for out in self._disaggregated(req):
@@ -98,10 +98,11 @@ class RouterBackend:
             sampling=msgspec.structs.replace(req.sampling, max_tokens=1),
             kv_transfer_params={"do_remote_decode": True},
         )
+        prefill_workers = partial(self._role_candidates, req.model, "prefill")
+        decode_workers = partial(self._decode_candidates, req.model)
         first: EngineOutput | None = None
         sent = time.perf_counter()
         try:
-            prefill_workers = partial(self._role_candidates, req.model, "prefill")
             async for out in self._stream(prefill_req, prefill_workers, "prefill"):
                 first = out if first is None else merge_outputs(first, out)
         except (OverloadedError, WorkerLostError) as e:
@@ -112,7 +113,7 @@ class RouterBackend:
             log.warning(
                 "request %s: remote prefill failed (%s); prefilling on a decode worker", req.request_id, e
             )
-            async for out in self._stream(req, lambda: self._decode_candidates(req.model), "decode"):
+            async for out in self._stream(req, decode_workers, "decode"):
                 yield out
             return
         assert first is not None and first.finish_reason is not None, "a stream ends with a finish reason"
@@ -137,7 +138,7 @@ class RouterBackend:
                 num_cached_tokens=cached,
             )
             sent = time.perf_counter()
-            async for out in self._stream(decode_req, lambda: self._decode_candidates(req.model), "decode"):
+            async for out in self._stream(decode_req, decode_workers, "decode"):
                 if sent:
                     self.disagg_metrics.handoff.observe(time.perf_counter() - sent)
                     sent = 0.0

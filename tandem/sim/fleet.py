@@ -168,6 +168,14 @@ class Fleet:
         # Closed loop: workers whose step ended when new requests were sent; they start after those
         # requests are queued, so a request sent at t can join a step that starts at t.
         deferred: list[SimWorker] = []
+
+        def send_next(t: float) -> None:
+            """Closed loop: a request ended (finished or refused) at t; its connection sends the next."""
+            nonlocal issued
+            if closed and issued < n:
+                heapq.heappush(sends, send_at(t) if send_at else t)
+                issued += 1
+
         i = 0
         wall0 = time.perf_counter()
         while i < n or heap:
@@ -198,9 +206,7 @@ class Fleet:
                             metrics.router_shed += 1
                             w = None
                     if w is None:
-                        if closed and issued < n:  # rejected: its connection sends the next one
-                            heapq.heappush(sends, send_at(t) if send_at else t)
-                            issued += 1
+                        send_next(t)  # rejected: its connection sends the next one
                     elif isinstance(w, SimWorker) and not w.busy:
                         touched.append(w)
                     i += 1
@@ -222,15 +228,11 @@ class Fleet:
                     on_output(t, out)
                 if done:
                     w.num_active -= 1
-                    if closed and issued < n:
-                        heapq.heappush(sends, send_at(t) if send_at else t)
-                        issued += 1
+                    send_next(t)
             w.pending = []
             if held:
                 for _ in range(self._route_held(t, held, reqs, records, metrics, heap, w)):
-                    if closed and issued < n:
-                        heapq.heappush(sends, send_at(t) if send_at else t)
-                        issued += 1
+                    send_next(t)
             if closed and i < n and sends and sends[0] <= t:
                 deferred.append(w)
             else:
