@@ -50,3 +50,16 @@ def pack_weights() -> bool:
     if value not in ("0", "1"):
         raise ValueError(f"TANDEM_PACK_WEIGHTS must be 0 or 1, got {value!r}")
     return value == "1"
+
+
+def chat_token_cache_chars() -> int:
+    """TANDEM_CHAT_TOKEN_CACHE_CHARS: how many characters of chat text the frontend keeps token ids
+    for, so each turn of a conversation encodes only its new messages (default 16,000,000, ~100 MB;
+    0 turns the cache off)."""
+    value = os.environ.get("TANDEM_CHAT_TOKEN_CACHE_CHARS")
+    if not value:
+        return 16_000_000
+    n = int(value)
+    if n < 0:
+        raise ValueError(f"TANDEM_CHAT_TOKEN_CACHE_CHARS must be >= 0, got {value!r}")
+    return n

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tandem import env
+from tandem.frontend.chat_tokens import PieceCache
 from tandem.frontend.errors import FieldError
 from tandem.protocol.errors import CheckpointError, InvalidRequestError
 from tandem.protocol.messages import SamplingSpec
@@ -69,7 +71,19 @@ class ModelTokenizer:
             else None
         )
         self._fast_encode = getattr(self._backend, "encode_batch_fast", None)  # tokenizers >= 0.21
-        log.info("loaded tokenizer from %s (fast path %s)", path, self._backend is not None)
+        self._pieces = (
+            PieceCache.for_tokenizer(
+                self._backend, self._encode_many, self._render, env.chat_token_cache_chars()
+            )
+            if self._backend is not None and self.has_chat_template
+            else None
+        )
+        log.info(
+            "loaded tokenizer from %s (fast path %s, chat pieces cached %s)",
+            path,
+            self._backend is not None,
+            self._pieces is not None,
+        )
 
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
         if self._fast_encode is not None:
@@ -78,6 +92,32 @@ class ModelTokenizer:
         if self._backend is not None:
             return list(self._backend.encode(text, add_special_tokens=add_special_tokens).ids)
         return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+    def _encode_many(self, texts: list[str]) -> list[list[int]]:
+        """Ids of each text, no special tokens added, in one batched call (the backend exists)."""
+        if self._fast_encode is not None:
+            return [list(e.ids) for e in self._fast_encode(texts, add_special_tokens=False)]
+        assert self._backend is not None, "the piece cache is only built over the Rust tokenizer"
+        return [list(e.ids) for e in self._backend.encode_batch(texts, add_special_tokens=False)]
+
+    def _render(self, conv: list[dict[str, str]]) -> str:
+        return str(self.tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=False))
+
+    async def encode_chat(self, text: str) -> list[int]:
+        """A rendered chat prompt's ids, as `encode(text, False)`; earlier messages' pieces come
+        from the piece cache when the tokenizer allows it (`tandem.frontend.chat_tokens`)."""
+        cache = self._pieces
+        if cache is None:
+            if len(text) > _THREAD_CHARS:
+                return await asyncio.to_thread(self.encode, text, False)
+            return self.encode(text, False)
+        parts = cache.split(text)
+        missing = cache.missing(parts)
+        if sum(map(len, missing)) > _THREAD_CHARS:
+            new = await asyncio.to_thread(cache.encode_missing, missing)
+        else:
+            new = cache.encode_missing(missing)
+        return cache.assemble(parts, new)
 
     def render_chat(self, messages: list[ChatMessage]) -> str:
         if not self.has_chat_template:
@@ -134,10 +174,7 @@ def _message_dict(m: ChatMessage, i: int) -> dict[str, Any]:
 async def chat_prompt_ids(tok: ModelTokenizer, req: ChatCompletionRequest) -> list[int]:
     if not req.messages:
         raise FieldError("messages must not be empty", "messages")
-    text = tok.render_chat(req.messages)
-    if len(text) > _THREAD_CHARS:
-        return await asyncio.to_thread(tok.encode, text, False)
-    return tok.encode(text, False)
+    return await tok.encode_chat(tok.render_chat(req.messages))
 
 
 async def completion_prompt_ids(tok: ModelTokenizer, req: CompletionRequest) -> list[int]:

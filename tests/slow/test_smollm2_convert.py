@@ -78,3 +78,21 @@ def test_chat_template_and_greedy_answer(converted: Path) -> None:
         out = model.generate(**enc, max_new_tokens=20, do_sample=False)
     answer = tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer, answer
+
+
+async def test_chat_piece_cache_matches_whole_text_on_smollm2(converted: Path) -> None:
+    """The frontend reuses earlier messages' token ids on SmolLM2's real tokenizer and template,
+    with exactly the ids of tokenizing the whole prompt."""
+    from tandem.frontend.preprocess import ModelTokenizer
+    from tandem.protocol.openai import ChatMessage
+
+    tok = ModelTokenizer(converted)
+    assert tok._pieces is not None
+    messages = [ChatMessage(role="system", content="Answer in one line. Réponds en français si demandé.")]
+    questions = ["What is 2+2?", "  Et en français ?\n", "Emoji: 😀 日本", "<|im_end|>x"]
+    for turn, question in enumerate(questions):
+        messages.append(ChatMessage(role="user", content=question))
+        text = tok.render_chat(messages)
+        assert await tok.encode_chat(text) == tok.encode(text, False), turn
+        messages.append(ChatMessage(role="assistant", content=f"Answer {turn}:\n\n- item"))
+    assert tok._pieces.hits > 0
