@@ -231,6 +231,7 @@ def prepare(
         logprobs = req.logprobs
         if req.top_logprobs:
             raise FieldError("top_logprobs > 0 is not supported", "top_logprobs")
+        _check_output_shape(req)
     else:
         param, asked, default = "max_tokens", req.max_tokens, COMPLETION_DEFAULT_MAX_TOKENS
         if req.logprobs is not None and not 0 <= req.logprobs <= MAX_COMPLETION_LOGPROBS:
@@ -262,6 +263,24 @@ def prepare(
         min_tokens=min(req.min_tokens, max_tokens),
     )
     return Prepared(prompt_ids, sampling, stop, logprobs)
+
+
+def _check_output_shape(req: ChatCompletionRequest) -> None:
+    """Refuse what would need guided decoding or a tool-call parser (see `ChatCompletionRequest`)."""
+    fmt = req.response_format
+    if fmt is not None and fmt.get("type", "text") != "text":
+        raise FieldError(
+            f"response_format {fmt.get('type')!r} needs guided decoding, which is not supported; "
+            'send {"type": "text"} or leave it out',
+            "response_format",
+        )
+    if req.functions:
+        raise FieldError("function calling is not supported", "functions")
+    if req.tools and req.tool_choice != "none":
+        raise FieldError(
+            'tool calling is not supported (no tool-call parser): send tool_choice "none" or no tools',
+            "tool_choice" if req.tool_choice is not None else "tools",
+        )
 
 
 def _stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:

@@ -2,9 +2,11 @@
 
 Requests are decoded with msgspec (one pass, type errors name the field); nothing behind the frontend
 sees these types. Unknown fields are ignored, as OpenAI-compatible servers do, so clients that send
-`user`, `tools` or vendor extensions still work. The streaming path does not build these structs: it
-writes prebuilt byte templates (`tandem.frontend.sse`); the response structs here serve the
-non-streaming path and the OpenAPI document.
+`user`, `metadata` or vendor extensions still work; fields that would change the answer's shape
+(`response_format`, `tools`) are decoded so that what Tandem cannot honour is refused, not ignored.
+The streaming path does not build these structs: it writes prebuilt byte templates
+(`tandem.frontend.sse`); the response structs here serve the non-streaming path and the OpenAPI
+document.
 """
 
 from __future__ import annotations
@@ -55,6 +57,14 @@ class ChatCompletionRequest(_SamplingFields, kw_only=True):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    response_format: dict[str, Any] | None = None
+    """Only `{"type": "text"}`: JSON modes need guided decoding, which Tandem does not do (400)."""
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    """Tools are accepted only with tool_choice "none": without a tool-call parser a model's call
+    would come back as plain text, so any other choice is a 400 rather than silently no calls."""
+    functions: list[dict[str, Any]] | None = None
+    """The deprecated form of `tools`; refused the same way."""
 
 
 class CompletionRequest(_SamplingFields, kw_only=True):

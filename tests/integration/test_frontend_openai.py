@@ -204,6 +204,8 @@ BASE = {"model": MODEL, "messages": CHAT}
         ({**BASE, "top_p": 1.1}, "top_p"),
         ({**BASE, "max_tokens": -5}, "max_tokens"),
         ({**BASE, "n": 2}, "n"),
+        ({**BASE, "response_format": {"type": "json_object"}}, "response_format"),
+        ({**BASE, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ],
 )
 def test_invalid_requests_are_400(sim_server: ThreadedServer, body: Any, param: str | None) -> None:

@@ -90,12 +90,24 @@ def test_prompt_too_long_names_both_lengths() -> None:
         ({"stop_token_ids": [-1]}, "stop_token_ids"),
         ({"top_logprobs": 3, "logprobs": True}, "top_logprobs"),
         ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "auto"}, "tool_choice"),
+        ({"functions": [{"name": "f"}]}, "functions"),
     ],
 )
 def test_bad_sampling_fields_are_rejected(fields: dict[str, Any], param: str) -> None:
     with pytest.raises(FieldError) as err:
         prepare(chat(**fields), [1] * 10, max_model_len=100)
     assert err.value.param == param
+
+
+def test_text_format_and_unused_tools_are_accepted() -> None:
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    accepted = [{"response_format": {"type": "text"}}, {"tools": tools, "tool_choice": "none"}, {"tools": []}]
+    for fields in accepted:
+        assert prepare(chat(**fields), [1] * 10, max_model_len=100).sampling.max_tokens == 90
 
 
 def test_sampling_fields_map_to_the_spec() -> None:
