@@ -10,7 +10,6 @@ as in a benchmark with `ignore_eos`.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 from tandem.engine.config import EngineConfig
@@ -54,7 +53,8 @@ class SimExecutor:
         self.speedup = speedup
 
     def execute(self, out: SchedulerOutput) -> ExecutorOutput:
-        started = time.perf_counter() if self._real_clock else 0.0
+        # Real clock: the clock's own time (time.monotonic), the time base of requests' arrival_time.
+        started = self.clock.now() if self._real_clock else 0.0
         sampled: dict[str, tuple[int, float | None]] = {}
         # One pass over the batch for both the timing shape and the sampled tokens: in fleet replays
         # this loop runs once per request per step, millions of times.
@@ -90,12 +90,15 @@ class SimExecutor:
             # The simulated device runs a step while the host prepares the next (async scheduling,
             # as in vLLM v1 and SGLang's overlap scheduler): a step launched within one step's time
             # of the previous one's end starts at that end, so host work between steps (update,
-            # delivery, scheduling) hides under device time; after an idle gap it starts now.
+            # delivery, scheduling) hides under device time; after an idle gap it starts now. It
+            # never starts before its newest request arrived: a request that came in after the
+            # device went idle (or while the host prepared this step) had no step ready for it.
             begin = started
             if self._device_end is not None and started - self._device_end < self._last_seconds:
-                begin = self._device_end
+                newest = max((item.request.arrival_time for item in out.scheduled), default=started)
+                begin = min(started, max(self._device_end, newest))
             end = begin + seconds
-            self.clock.wait(end - time.perf_counter())
+            self.clock.wait(end - self.clock.now())
             self._device_end, self._last_seconds = end, seconds
         else:
             self.clock.wait(seconds)

@@ -134,3 +134,45 @@ def test_profile_timing_batch_only_and_validation() -> None:
         ProfileTiming.from_dict(
             {"prefill": {"tokens": [5, 1], "ms": [1, 2]}, "decode": {"batch_size": [1], "ms": [1]}}
         )
+
+
+class _FixedTiming:
+    """Every step takes `ms` (at speed-up 1)."""
+
+    def __init__(self, ms: float) -> None:
+        self.ms = ms
+
+    def step_ms(self, shape: StepShape) -> float:
+        return self.ms
+
+
+def _real_core(step_ms: float) -> EngineCore:
+    config = EngineConfig(block_size=16, num_blocks=64, max_num_batched_tokens=256)
+    return EngineCore(config, SimExecutor(None, config, timing=_FixedTiming(step_ms)))
+
+
+def test_real_clock_hides_host_work_between_steps_of_running_requests() -> None:
+    """Async scheduling: host time between two steps of the same batch overlaps device time."""
+    core = _real_core(60.0)
+    add(core, 20, 4)
+    core.step()  # prefill
+    started = time.monotonic()
+    for _ in range(3):
+        time.sleep(0.02)  # host work between steps, a third of a step
+        core.step()
+    # Three 60 ms steps, each launched 20 ms after the last ended: they run back to back (180 ms),
+    # not 3 x (20 + 60) = 240 ms.
+    assert time.monotonic() - started < 0.225
+
+
+def test_real_clock_never_starts_a_step_before_its_request_arrived() -> None:
+    """A request that arrives just after the device went idle starts its own step on arrival: its
+    first token comes a full step after it arrived, not earlier (no step ran in the past)."""
+    core = _real_core(60.0)
+    add(core, 20, 1)
+    core.step()  # the only request finishes; the device is idle from here
+    time.sleep(0.02)
+    arrived = time.monotonic()
+    add(core, 20, 1, first=500)
+    core.step()
+    assert time.monotonic() - arrived >= 0.06
