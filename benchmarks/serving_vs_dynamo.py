@@ -84,7 +84,8 @@ def start_tandem(args: argparse.Namespace, speedup: float, name: str, logdir: Pa
     base, _, delay = name.partition(":d")
     router = TANDEM_SYSTEMS[base]
     cmd = [str(REPO / ".venv/bin/tandem"), "--log-level", "WARNING", "serve", "--model", args.model]
-    cmd += ["--served-model-name", "tiny", "--engine", "sim", "--workers", "2", "--port", str(args.port)]
+    cmd += ["--served-model-name", "tiny", "--engine", "sim", "--workers", str(args.workers)]
+    cmd += ["--port", str(args.port)]
     cmd += ["--speedup", str(speedup), "--router", router]
     for k, v in ENGINE.items():
         cmd += [f"--{k.replace('_', '-')}", str(v)]
@@ -109,7 +110,7 @@ def start_dynamo(args: argparse.Namespace, speedup: float, system: str, logdir: 
     py = str(dyn / "venv/bin/python")
     tag = f"{'nodelay' if nodelay else 'stock'}-{router or args.dynamo_router}-{speedup:g}"
     mocker = [py, "-m", "dynamo.mocker", "--model-path", args.model, "--model-name", "tiny"]
-    mocker += ["--speedup-ratio", str(speedup), "--num-workers", "2", "--block-size", "64"]
+    mocker += ["--speedup-ratio", str(speedup), "--num-workers", str(args.workers), "--block-size", "64"]
     mocker += ["--num-gpu-blocks-override", "16384", "--max-num-seqs", "256"]
     mocker += ["--max-num-batched-tokens", "8192"]
     frontend = [py, "-m", "dynamo.frontend", "--http-host", "127.0.0.1", "--http-port", str(args.port)]
@@ -272,6 +273,7 @@ def main() -> int:
     ap.add_argument("--speedups", default="1,10000")
     ap.add_argument("--concurrency", default="1,16,64")
     ap.add_argument("--port", type=int, default=8765)
+    ap.add_argument("--workers", type=int, default=2, help="workers per system (the issue's workload: 2)")
     ap.add_argument("--tandem-bench", action="store_true", help="also run `tandem bench` on each point")
     ap.add_argument(
         "--rounds",
