@@ -109,10 +109,8 @@ def probe(system: str, args: argparse.Namespace) -> None:
         model=args.model, port=args.port, workers=1, dynamo=args.dynamo, dynamo_router="round-robin"
     )
     logdir = Path(tempfile.mkdtemp(prefix="arrival-probe-"))
-    if system == "tandem":
-        dep = svd.start_tandem(ns, 1.0, "tandem-rr", logdir)
-    else:
-        dep = svd.start_dynamo(ns, 1.0, "dynamo-nodelay@round-robin", logdir)
+    row = "tandem-rr" if system == "tandem" else "dynamo-nodelay@round-robin"  # one worker: routing is moot
+    dep = svd.start_system(ns, 1.0, row, logdir)
     seq = 1000
     try:
         svd.wait_ready(dep)
@@ -143,8 +141,7 @@ def probe(system: str, args: argparse.Namespace) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=str(Path.home() / ".cache/tandem/bench/tok8k"))
-    ap.add_argument("--dynamo", default=str(Path.home() / ".cache/tandem/dynamo"))
+    svd.add_install_args(ap)
     ap.add_argument("--systems", default="tandem,dynamo")
     ap.add_argument("--gaps", default="0,0.5,1,2,4,8", type=lambda s: [float(g) for g in s.split(",")])
     ap.add_argument("--port", type=int, default=8751)

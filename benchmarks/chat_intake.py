@@ -23,16 +23,14 @@ import asyncio
 import json
 import os
 import random
-import signal
 import statistics
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import numpy as np
+from serve_proc import serving
 
 from tandem import env
 from tandem.frontend.preprocess import ModelTokenizer
@@ -118,16 +116,7 @@ def live_round(args: argparse.Namespace, cache_on: bool) -> dict[str, float]:
     environ = dict(os.environ, TANDEM_CHAT_TOKEN_CACHE_CHARS="16000000" if cache_on else "0")
     cmd = [TANDEM, "--log-level", "WARNING", "serve", "--model", args.model, "--served-model-name", "chat"]
     cmd += ["--engine", "sim", "--workers", "2", "--speedup", str(args.speedup), "--port", str(args.port)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=environ, start_new_session=True)
-    try:
-        ready: list[str] = []
-        out = proc.stdout
-        assert out is not None
-        reader = threading.Thread(target=lambda: ready.append(out.readline()), daemon=True)
-        reader.start()
-        reader.join(180)
-        if not ready or not ready[0].startswith("Tandem ready"):
-            raise RuntimeError(f"tandem serve did not start: {ready}")
+    with serving(cmd, environ) as proc:
 
         async def run() -> list[float]:
             limits = httpx.Limits(max_connections=args.chats)
@@ -139,14 +128,8 @@ def live_round(args: argparse.Namespace, cache_on: bool) -> dict[str, float]:
         cpu0 = cpu_seconds(proc.pid)
         ttfts = np.array(asyncio.run(run())) * 1e3
         cpu = cpu_seconds(proc.pid) - cpu0
-        p50, p90, p99 = np.percentile(ttfts, [50, 90, 99])
-        return {"p50": p50, "p90": p90, "p99": p99, "cpu_ms": cpu * 1e3 / len(ttfts), "n": len(ttfts)}
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    p50, p90, p99 = np.percentile(ttfts, [50, 90, 99])
+    return {"p50": p50, "p90": p90, "p99": p99, "cpu_ms": cpu * 1e3 / len(ttfts), "n": len(ttfts)}
 
 
 def live(args: argparse.Namespace) -> None:

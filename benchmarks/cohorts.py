@@ -69,10 +69,7 @@ def measure(system: str, args: argparse.Namespace) -> dict[str, object]:
         model=args.model, port=args.port, workers=2, dynamo=args.dynamo, dynamo_router="round-robin"
     )
     logdir = Path(tempfile.mkdtemp(prefix="cohorts-"))
-    if system.startswith("tandem"):
-        dep = svd.start_tandem(ns, 1.0, system, logdir)
-    else:
-        dep = svd.start_dynamo(ns, 1.0, system, logdir)
+    dep = svd.start_system(ns, 1.0, system, logdir)
     try:
         svd.wait_ready(dep)
         c = args.concurrency
@@ -85,8 +82,7 @@ def measure(system: str, args: argparse.Namespace) -> dict[str, object]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=str(Path.home() / ".cache/tandem/bench/tok8k"))
-    ap.add_argument("--dynamo", default=str(Path.home() / ".cache/tandem/dynamo"))
+    svd.add_install_args(ap)
     ap.add_argument("--systems", default="tandem-ll,dynamo-nodelay@least-loaded")
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--requests", type=int, default=480)

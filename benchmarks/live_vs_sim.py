@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+from serve_proc import serving
 
 from tandem.sim.replay import ReplaySpec, replay
 
@@ -39,16 +39,7 @@ def live(args: argparse.Namespace, router: str, out_dir: Path) -> dict[str, Any]
     cmd += ["--engine", "sim", "--workers", str(WORKERS), "--speedup", str(args.time_scale)]
     cmd += ["--port", str(args.port), "--router", router, "--block-size", str(BLOCK)]
     cmd += ["--num-blocks", str(BLOCKS), "--max-num-seqs", "256", "--max-num-batched-tokens", "8192"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        ready: list[str] = []
-        out = proc.stdout
-        assert out is not None
-        reader = threading.Thread(target=lambda: ready.append(out.readline()), daemon=True)
-        reader.start()
-        reader.join(180)
-        if not ready or not ready[0].startswith("Tandem ready"):
-            raise RuntimeError(f"tandem serve did not start: {ready}")
+    with serving(cmd):
         url = f"http://127.0.0.1:{args.port}"
         report = out_dir / f"bench-{router}.json"
         bench = [TANDEM, "bench", "--url", url, "--model", "tiny", "--tokenizer", args.model]
@@ -60,12 +51,6 @@ def live(args: argparse.Namespace, router: str, out_dir: Path) -> dict[str, Any]
         result: dict[str, Any] = json.loads(report.read_text())
         result["hit_rate"] = _counter(metrics, "cached_tokens") / max(_counter(metrics, "prompt_tokens"), 1)
         return result
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def _counter(metrics: str, name: str) -> float:

@@ -124,6 +124,13 @@ def start_dynamo(args: argparse.Namespace, speedup: float, system: str, logdir: 
     return Deployment(system, procs, f"http://127.0.0.1:{args.port}")
 
 
+def start_system(args: argparse.Namespace, speedup: float, system: str, logdir: Path) -> Deployment:
+    """A system by its row name: `tandem-*` or `dynamo*` (see the module docstring)."""
+    if system.startswith("tandem"):
+        return start_tandem(args, speedup, system, logdir)
+    return start_dynamo(args, speedup, system, logdir)
+
+
 def wait_ready(dep: Deployment, timeout: float = 180.0) -> None:
     """Until a 2-token chat request succeeds twice (both workers registered for round-robin)."""
     body = json.dumps(
@@ -259,12 +266,17 @@ def ratios(a: dict, b: dict, speedup: float) -> str:
     return "; ".join(parts) + f"; frontend CPU/token x{fe:.2f}"
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_install_args(ap: argparse.ArgumentParser) -> None:
+    """--model (the tokenizer and config folder both systems serve) and --dynamo (its install)."""
     ap.add_argument(
         "--model", default=str(Path.home() / ".cache/tandem/bench/tok8k"), help="tokenizer+config dir"
     )
     ap.add_argument("--dynamo", default=str(Path.home() / ".cache/tandem/dynamo"), help="venv/ + nodelay.so")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_install_args(ap)
     ap.add_argument("--dynamo-router", default="round-robin")
     ap.add_argument(
         "--client-python", default=None, help="python with aiohttp+tokenizers (default: Dynamo's)"
@@ -299,10 +311,7 @@ def main() -> int:
         for rnd in range(args.rounds):
             order = systems if rnd % 2 == 0 else systems[::-1]  # neither side always runs first
             for s in order:
-                if s.startswith("tandem"):
-                    dep = start_tandem(args, sp, s, out_dir)
-                else:
-                    dep = start_dynamo(args, sp, s, out_dir)
+                dep = start_system(args, sp, s, out_dir)
                 try:
                     wait_ready(dep)
                     for c in cs:
