@@ -54,8 +54,8 @@ def pack_weights() -> bool:
 
 def chat_token_cache_chars() -> int:
     """TANDEM_CHAT_TOKEN_CACHE_CHARS: how many characters of chat text the frontend keeps token ids
-    for, so each turn of a conversation encodes only its new messages (default 16,000,000, ~100 MB;
-    0 turns the cache off)."""
+    for, so each turn of a conversation encodes only its new messages (default 16,000,000: about 50 MB
+    of text and ids; 0 turns the cache off)."""
     value = os.environ.get("TANDEM_CHAT_TOKEN_CACHE_CHARS")
     if not value:
         return 16_000_000
