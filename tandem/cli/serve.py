@@ -146,6 +146,7 @@ async def serve(
     ready_timeout: float,
     registry_port: int = 0,
 ) -> int:
+    from tandem.cli.worker import freeze_startup_heap
     from tandem.control.discovery import MemoryDiscovery
     from tandem.control.registry import RegistryServer
     from tandem.deploy.local import LocalLauncher
@@ -182,6 +183,7 @@ async def serve(
         ready = await _wait_ready(spec, store, launcher, stop, ready_timeout)
         if ready:
             await server.config.app.state.frontend.warm_up()
+            freeze_startup_heap()
             print(f"Tandem ready: http://{spec.host}:{spec.port}/v1 ({spec.num_workers} workers)", flush=True)
             print(
                 f"Add workers at run time: tandem worker --model {spec.model} --role prefill|decode|agg "

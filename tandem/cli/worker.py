@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -88,6 +89,19 @@ def run(args: argparse.Namespace) -> int:
     return run_event_loop(serve_worker(config, args.registry))
 
 
+def freeze_startup_heap() -> None:
+    """Put everything allocated so far (imports, tokenizer, model, engine) out of the garbage
+    collector's reach, once the process is ready to serve.
+
+    Why: a full collection walks every tracked object. In the frontend that is ~300k objects after
+    start-up, ~120 ms a collection on this machine, and it stalls every stream on the event loop
+    whenever it comes during serving. What start-up allocated lives as long as the process anyway,
+    so collections afterwards only need to look at what serving allocates (vLLM does the same).
+    """
+    gc.collect()
+    gc.freeze()
+
+
 def run_event_loop(main: Coroutine[Any, Any, int]) -> int:
     """Run a coroutine on uvloop when it is installed (the serving loop's hot path is socket I/O)."""
     try:
@@ -111,6 +125,7 @@ async def serve_worker(config: WorkerConfig, registry: str | None) -> int:
         loop.add_signal_handler(sig, stop.set)
     try:
         await worker.start()
+        freeze_startup_heap()
         print(f"Tandem worker {worker.worker_id} ready on {worker.address}", flush=True)
         await stop.wait()
         await worker.drain()
