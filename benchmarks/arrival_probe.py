@@ -110,10 +110,8 @@ def probe(system: str, args: argparse.Namespace) -> None:
     )
     logdir = Path(tempfile.mkdtemp(prefix="arrival-probe-"))
     row = "tandem-rr" if system == "tandem" else "dynamo-nodelay@round-robin"  # one worker: routing is moot
-    dep = svd.start_system(ns, 1.0, row, logdir)
     seq = 1000
-    try:
-        svd.wait_ready(dep)
+    with svd.running(ns, 1.0, row, logdir):
         for gap in args.gaps:
             firsts, seconds, shared = [], [], 0
             for _ in range(PAIRS):
@@ -135,8 +133,6 @@ def probe(system: str, args: argparse.Namespace) -> None:
                 seq += 2
                 ttft.append(after(args.port, seq, a_tokens))
             print(f"| {system} | after a {a_tokens}-token request | | {statistics.median(ttft):.1f} | |")
-    finally:
-        dep.stop()
 
 
 def main() -> int:

@@ -68,16 +68,11 @@ def measure(system: str, args: argparse.Namespace) -> dict[str, object]:
     ns = argparse.Namespace(
         model=args.model, port=args.port, workers=2, dynamo=args.dynamo, dynamo_router="round-robin"
     )
-    logdir = Path(tempfile.mkdtemp(prefix="cohorts-"))
-    dep = svd.start_system(ns, 1.0, system, logdir)
-    try:
-        svd.wait_ready(dep)
+    with svd.running(ns, 1.0, system, Path(tempfile.mkdtemp(prefix="cohorts-"))) as dep:
         c = args.concurrency
         jobs = chat_jobs(args.requests + 2 * c, 100, 50, tokenizer_dir=args.model, seed=1)
         config = LoadConfig(dep.url, "tiny", concurrency=c, warmup=2 * c)
         return analyse(asyncio.run(run_load(config, jobs)))
-    finally:
-        dep.stop()
 
 
 def main() -> int:

@@ -32,6 +32,8 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +131,17 @@ def start_system(args: argparse.Namespace, speedup: float, system: str, logdir: 
     if system.startswith("tandem"):
         return start_tandem(args, speedup, system, logdir)
     return start_dynamo(args, speedup, system, logdir)
+
+
+@contextmanager
+def running(args: argparse.Namespace, speedup: float, system: str, logdir: Path) -> Iterator[Deployment]:
+    """`start_system`, ready to serve; stopped however the body ends."""
+    dep = start_system(args, speedup, system, logdir)
+    try:
+        wait_ready(dep)
+        yield dep
+    finally:
+        dep.stop()
 
 
 def wait_ready(dep: Deployment, timeout: float = 180.0) -> None:
@@ -311,13 +324,9 @@ def main() -> int:
         for rnd in range(args.rounds):
             order = systems if rnd % 2 == 0 else systems[::-1]  # neither side always runs first
             for s in order:
-                dep = start_system(args, sp, s, out_dir)
-                try:
-                    wait_ready(dep)
+                with running(args, sp, s, out_dir) as dep:
                     for c in cs:
                         runs.setdefault(f"{s}|{sp:g}|{c}", []).append(run_point(args, dep, sp, c, out_dir))
-                finally:
-                    dep.stop()
     results = {k: median_result(v) for k, v in runs.items()}
     if args.rounds > 1:
         print(f"\nmedians over {args.rounds} rounds per point")

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from tandem import env
 from tandem.frontend.chat_tokens import PieceCache
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 COMPLETION_DEFAULT_MAX_TOKENS = 16
 MAX_STOP_STRINGS = 16
 MAX_COMPLETION_LOGPROBS = 5
+_T = TypeVar("_T")
 _THREAD_CHARS = 32_768
 """Prompts longer than this are tokenized in a thread so one long prompt does not stall every stream."""
 
@@ -103,20 +105,19 @@ class ModelTokenizer:
     def _render(self, conv: list[dict[str, str]]) -> str:
         return str(self.tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=False))
 
+    async def encode_async(self, text: str, add_special_tokens: bool) -> list[int]:
+        """`encode`, on a thread for long texts so one long prompt does not stall every stream."""
+        return await _off_loop_if_long(len(text), self.encode, text, add_special_tokens)
+
     async def encode_chat(self, text: str) -> list[int]:
         """A rendered chat prompt's ids, as `encode(text, False)`; earlier messages' pieces come
         from the piece cache when the tokenizer allows it (`tandem.frontend.chat_tokens`)."""
         cache = self._pieces
         if cache is None:
-            if len(text) > _THREAD_CHARS:
-                return await asyncio.to_thread(self.encode, text, False)
-            return self.encode(text, False)
+            return await self.encode_async(text, False)
         parts = cache.split(text)
         missing = cache.missing(parts)
-        if sum(map(len, missing)) > _THREAD_CHARS:
-            new = await asyncio.to_thread(cache.encode_missing, missing)
-        else:
-            new = cache.encode_missing(missing)
+        new = await _off_loop_if_long(sum(map(len, missing)), cache.encode_missing, missing)
         return cache.assemble(parts, new)
 
     def render_chat(self, messages: list[ChatMessage]) -> str:
@@ -134,6 +135,13 @@ class ModelTokenizer:
         if text is None:
             text = self._token_text[token_id] = str(self.tokenizer.decode([token_id]))
         return text
+
+
+async def _off_loop_if_long(chars: int, fn: Callable[..., _T], *args: Any) -> _T:
+    """`fn(*args)`, on a thread when it tokenizes more than `_THREAD_CHARS` characters."""
+    if chars > _THREAD_CHARS:
+        return await asyncio.to_thread(fn, *args)
+    return fn(*args)
 
 
 class TokenizerCache:
@@ -192,9 +200,7 @@ async def completion_prompt_ids(tok: ModelTokenizer, req: CompletionRequest) -> 
         return await completion_prompt_ids(tok, CompletionRequest(model=req.model, prompt=prompt[0]))
     if not isinstance(prompt, str):
         raise FieldError("prompt must be a string or a list of token ids", "prompt")
-    if len(prompt) > _THREAD_CHARS:
-        return await asyncio.to_thread(tok.encode, prompt, True)
-    return tok.encode(prompt, True)
+    return await tok.encode_async(prompt, True)
 
 
 def prepare(
