@@ -63,3 +63,15 @@ def chat_token_cache_chars() -> int:
     if n < 0:
         raise ValueError(f"TANDEM_CHAT_TOKEN_CACHE_CHARS must be >= 0, got {value!r}")
     return n
+
+
+def tokenize_thread_chars() -> int:
+    """TANDEM_TOKENIZE_THREAD_CHARS: prompts (or a chat's new text) longer than this many characters
+    are tokenized on the frontend's tokenizer threads instead of its event loop (default 256)."""
+    value = os.environ.get("TANDEM_TOKENIZE_THREAD_CHARS")
+    if not value:
+        return 256
+    n = int(value)
+    if n < 0:
+        raise ValueError(f"TANDEM_TOKENIZE_THREAD_CHARS must be >= 0, got {value!r}")
+    return n

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -34,8 +36,9 @@ COMPLETION_DEFAULT_MAX_TOKENS = 16
 MAX_STOP_STRINGS = 16
 MAX_COMPLETION_LOGPROBS = 5
 _T = TypeVar("_T")
-_THREAD_CHARS = 32_768
-"""Prompts longer than this are tokenized in a thread so one long prompt does not stall every stream."""
+_GIL_BOUND_THREAD_CHARS = 32_768
+"""A tokenizer that holds the GIL (transformers' Python one) goes to a thread only past this length:
+there it protects the streams from one long prompt, and for short ones a thread would only add a hop."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +76,12 @@ class ModelTokenizer:
             else None
         )
         self._fast_encode = getattr(self._backend, "encode_batch_fast", None)  # tokenizers >= 0.21
+        # The Rust batch calls release the GIL: on a tokenizer thread they run beside the event loop.
+        self._thread_chars = (
+            env.tokenize_thread_chars()
+            if self._fast_encode is not None
+            else max(env.tokenize_thread_chars(), _GIL_BOUND_THREAD_CHARS)
+        )
         self._pieces = (
             PieceCache.for_tokenizer(
                 self._backend, self._encode_many, self._render, env.chat_token_cache_chars()
@@ -102,12 +111,28 @@ class ModelTokenizer:
         assert self._backend is not None, "the piece cache is only built over the Rust tokenizer"
         return [list(e.ids) for e in self._backend.encode_batch(texts, add_special_tokens=False)]
 
+    async def _tokenize(self, chars: int, fn: Callable[..., _T], *args: Any) -> _T:
+        """`fn(*args)`, which tokenizes `chars` characters: on the tokenizer threads unless short.
+
+        Why a thread for prompts of a few hundred characters: Rust BPE costs ~1.5-2.5 us a token
+        here, and a closed loop's clients send their next requests in bursts (a batch that finished
+        together). Encoded one after another on the event loop, a burst of 8 chat prompts of 100
+        tokens blocked it for 4-9 ms while the other streams waited; the last replacements then
+        reached the engine one prefill step after the first, and every later step split the batch
+        again. On a thread (the GIL released) the loop keeps routing and streaming: at c=16 with
+        least-loaded routing, ITL p50 7.7 -> 5.8 ms and 39 -> 47 req/s (docs/benchmarks.md,
+        session 7). Below `tokenize_thread_chars` the hop costs more than the encode.
+        """
+        if chars > self._thread_chars:
+            return await asyncio.get_running_loop().run_in_executor(_tokenize_threads(), fn, *args)
+        return fn(*args)
+
     def _render(self, conv: list[dict[str, str]]) -> str:
         return str(self.tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=False))
 
     async def encode_async(self, text: str, add_special_tokens: bool) -> list[int]:
-        """`encode`, on a thread for long texts so one long prompt does not stall every stream."""
-        return await _off_loop_if_long(len(text), self.encode, text, add_special_tokens)
+        """`encode`, on a tokenizer thread unless the text is short (see `_tokenize`)."""
+        return await self._tokenize(len(text), self.encode, text, add_special_tokens)
 
     async def encode_chat(self, text: str) -> list[int]:
         """A rendered chat prompt's ids, as `encode(text, False)`; earlier messages' pieces come
@@ -117,7 +142,7 @@ class ModelTokenizer:
             return await self.encode_async(text, False)
         parts = cache.split(text)
         missing = cache.missing(parts)
-        new = await _off_loop_if_long(sum(map(len, missing)), cache.encode_missing, missing)
+        new = await self._tokenize(sum(map(len, missing)), cache.encode_missing, missing)
         return cache.assemble(parts, new)
 
     def render_chat(self, messages: list[ChatMessage]) -> str:
@@ -137,11 +162,16 @@ class ModelTokenizer:
         return text
 
 
-async def _off_loop_if_long(chars: int, fn: Callable[..., _T], *args: Any) -> _T:
-    """`fn(*args)`, on a thread when it tokenizes more than `_THREAD_CHARS` characters."""
-    if chars > _THREAD_CHARS:
-        return await asyncio.to_thread(fn, *args)
-    return fn(*args)
+_tokenize_pool: ThreadPoolExecutor | None = None
+
+
+def _tokenize_threads() -> ThreadPoolExecutor:
+    """The frontend's tokenizer threads: one per core this process may use, at most 8."""
+    global _tokenize_pool
+    if _tokenize_pool is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        _tokenize_pool = ThreadPoolExecutor(min(8, cores), thread_name_prefix="tandem-tokenize")
+    return _tokenize_pool
 
 
 class TokenizerCache:

@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
 
+from tandem import env
 from tandem.frontend.errors import FieldError
 from tandem.frontend.preprocess import ModelTokenizer, chat_prompt_ids, completion_prompt_ids, prepare
 from tandem.protocol.errors import InvalidRequestError
@@ -55,6 +57,40 @@ async def test_completion_prompt_uses_tokenizer_rule(tok: ModelTokenizer, hf_tok
     assert await completion_prompt_ids(tok, completion(prompt=["hi"])) == hf_tokenizer("hi")["input_ids"]
     with pytest.raises(FieldError):
         await completion_prompt_ids(tok, completion(prompt=["a", "b"]))
+
+
+async def test_long_prompts_are_tokenized_beside_the_event_loop(
+    tiny_dir: Path, hf_tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TANDEM_TOKENIZE_THREAD_CHARS", "40")
+    tok = ModelTokenizer(tiny_dir)
+    encode = tok._fast_encode
+    assert encode is not None, "the tiny model has a Rust tokenizer"
+    threads: list[str] = []
+
+    def spy(texts: list[str], **kw: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return encode(texts, **kw)
+
+    tok._fast_encode = spy
+    short, long = "hi there", "the quick brown fox jumps over the lazy dog, " * 3
+    assert await tok.encode_async(short, True) == hf_tokenizer(short)["input_ids"]
+    assert await tok.encode_async(long, True) == hf_tokenizer(long)["input_ids"]
+    messages = [{"role": "user", "content": long + "again"}]
+    expected = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    expected = expected["input_ids"] if hasattr(expected, "keys") else expected
+    assert await chat_prompt_ids(tok, chat(messages=messages)) == list(expected)
+    loop_thread = threading.current_thread().name
+    assert threads[0] == loop_thread
+    assert threads[1].startswith("tandem-tokenize") and threads[-1].startswith("tandem-tokenize")
+
+
+def test_tokenize_thread_chars_must_not_be_negative(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TANDEM_TOKENIZE_THREAD_CHARS", "-1")
+    with pytest.raises(ValueError, match="TANDEM_TOKENIZE_THREAD_CHARS"):
+        env.tokenize_thread_chars()
+    monkeypatch.delenv("TANDEM_TOKENIZE_THREAD_CHARS")
+    assert env.tokenize_thread_chars() == 256
 
 
 def test_max_tokens_is_clamped_to_the_context() -> None:
