@@ -93,9 +93,9 @@ class _Frontend:
             card = self.resolve(req.model)
             tok = await self.tokenizers.get(card.model_dir)
             if isinstance(req, ChatCompletionRequest):
-                prompt_ids = await chat_prompt_ids(tok, req)
+                prompt_ids = await chat_prompt_ids(tok, req, self.metrics.active == 0)
             else:
-                prompt_ids = await completion_prompt_ids(tok, req)
+                prompt_ids = await completion_prompt_ids(tok, req, self.metrics.active == 0)
             prepared = prepare(req, prompt_ids, card.max_model_len)
             if not self.backend.is_ready(card.name):
                 raise OverloadedError(f"no live worker serves the model {card.name!r}; retry shortly")

@@ -64,6 +64,8 @@ class FrontendMetrics:
             registry=r,
         )
         self.inflight = Gauge(f"{PREFIX}_inflight_requests", "Generation requests in progress", registry=r)
+        self.active = 0
+        """`inflight`'s value, for the frontend's own decisions (a gauge has no public getter)."""
         self.prompt_tokens = Counter(
             f"{PREFIX}_prompt_tokens", "Prompt tokens of served requests", registry=r
         )

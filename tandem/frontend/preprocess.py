@@ -111,8 +111,9 @@ class ModelTokenizer:
         assert self._backend is not None, "the piece cache is only built over the Rust tokenizer"
         return [list(e.ids) for e in self._backend.encode_batch(texts, add_special_tokens=False)]
 
-    async def _tokenize(self, chars: int, fn: Callable[..., _T], *args: Any) -> _T:
-        """`fn(*args)`, which tokenizes `chars` characters: on the tokenizer threads unless short.
+    async def _tokenize(self, alone: bool, chars: int, fn: Callable[..., _T], *args: Any) -> _T:
+        """`fn(*args)`, which tokenizes `chars` characters: on the tokenizer threads unless short,
+        or unless the request is `alone` (nothing else in flight on this frontend).
 
         Why a thread for prompts of a few hundred characters: Rust BPE costs ~1.5-2.5 us a token
         here, and a closed loop's clients send their next requests in bursts (a batch that finished
@@ -121,28 +122,30 @@ class ModelTokenizer:
         reached the engine one prefill step after the first, and every later step split the batch
         again. On a thread (the GIL released) the loop keeps routing and streaming: at c=16 with
         least-loaded routing, ITL p50 7.7 -> 5.8 ms and 39 -> 47 req/s (docs/benchmarks.md,
-        session 7). Below `tokenize_thread_chars` the hop costs more than the encode.
+        session 7). Below `tokenize_thread_chars` the hop costs more than the encode; and with no
+        other request in flight the loop has nothing to keep going, so the hop (~0.2-0.3 ms of
+        TTFT) would buy nothing.
         """
-        if chars > self._thread_chars:
+        if chars > self._thread_chars and not alone:
             return await asyncio.get_running_loop().run_in_executor(_tokenize_threads(), fn, *args)
         return fn(*args)
 
     def _render(self, conv: list[dict[str, str]]) -> str:
         return str(self.tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=False))
 
-    async def encode_async(self, text: str, add_special_tokens: bool) -> list[int]:
-        """`encode`, on a tokenizer thread unless the text is short (see `_tokenize`)."""
-        return await self._tokenize(len(text), self.encode, text, add_special_tokens)
+    async def encode_async(self, text: str, add_special_tokens: bool, alone: bool = False) -> list[int]:
+        """`encode`, on a tokenizer thread unless the text is short or `alone` (see `_tokenize`)."""
+        return await self._tokenize(alone, len(text), self.encode, text, add_special_tokens)
 
-    async def encode_chat(self, text: str) -> list[int]:
+    async def encode_chat(self, text: str, alone: bool = False) -> list[int]:
         """A rendered chat prompt's ids, as `encode(text, False)`; earlier messages' pieces come
         from the piece cache when the tokenizer allows it (`tandem.frontend.chat_tokens`)."""
         cache = self._pieces
         if cache is None:
-            return await self.encode_async(text, False)
+            return await self.encode_async(text, False, alone)
         parts = cache.split(text)
         missing = cache.missing(parts)
-        new = await self._tokenize(sum(map(len, missing)), cache.encode_missing, missing)
+        new = await self._tokenize(alone, sum(map(len, missing)), cache.encode_missing, missing)
         return cache.assemble(parts, new)
 
     def render_chat(self, messages: list[ChatMessage]) -> str:
@@ -209,13 +212,16 @@ def _message_dict(m: ChatMessage, i: int) -> dict[str, Any]:
     return out
 
 
-async def chat_prompt_ids(tok: ModelTokenizer, req: ChatCompletionRequest) -> list[int]:
+async def chat_prompt_ids(tok: ModelTokenizer, req: ChatCompletionRequest, alone: bool = False) -> list[int]:
+    """`alone`: no other request is in flight (see `ModelTokenizer._tokenize`)."""
     if not req.messages:
         raise FieldError("messages must not be empty", "messages")
-    return await tok.encode_chat(tok.render_chat(req.messages))
+    return await tok.encode_chat(tok.render_chat(req.messages), alone)
 
 
-async def completion_prompt_ids(tok: ModelTokenizer, req: CompletionRequest) -> list[int]:
+async def completion_prompt_ids(
+    tok: ModelTokenizer, req: CompletionRequest, alone: bool = False
+) -> list[int]:
     prompt: Any = req.prompt
     if isinstance(prompt, list):
         if prompt and all(type(t) is int for t in prompt):
@@ -227,10 +233,10 @@ async def completion_prompt_ids(tok: ModelTokenizer, req: CompletionRequest) -> 
                 "send one prompt per request (a string or a list of token ids); batches are not supported",
                 "prompt",
             )
-        return await completion_prompt_ids(tok, CompletionRequest(model=req.model, prompt=prompt[0]))
+        return await completion_prompt_ids(tok, CompletionRequest(model=req.model, prompt=prompt[0]), alone)
     if not isinstance(prompt, str):
         raise FieldError("prompt must be a string or a list of token ids", "prompt")
-    return await tok.encode_async(prompt, True)
+    return await tok.encode_async(prompt, True, alone)
 
 
 def prepare(

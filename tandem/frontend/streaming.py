@@ -92,6 +92,7 @@ class GenerationResponse(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         gen = self.gen
         gen.metrics.inflight.inc()
+        gen.metrics.active += 1
         run = self._stream(send) if gen.stream else self._collect(send)
         pump = asyncio.ensure_future(run)
         watcher = asyncio.ensure_future(_wait_disconnect(receive))
@@ -107,6 +108,7 @@ class GenerationResponse(Response):
             watcher.cancel()
             await _close(gen.outputs)
             gen.metrics.inflight.dec()
+            gen.metrics.active -= 1
             gen.metrics.count_request(gen.endpoint, self.status)
             p = gen.prepared
             gen.metrics.count_tokens(len(p.prompt_ids), self.num_tokens, self.num_cached)

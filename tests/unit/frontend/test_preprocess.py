@@ -83,6 +83,9 @@ async def test_long_prompts_are_tokenized_beside_the_event_loop(
     loop_thread = threading.current_thread().name
     assert threads[0] == loop_thread
     assert threads[1].startswith("tandem-tokenize") and threads[-1].startswith("tandem-tokenize")
+    # Alone (nothing else in flight), even a long prompt stays on the loop: no hop to pay for.
+    assert await tok.encode_async(long, True, alone=True) == hf_tokenizer(long)["input_ids"]
+    assert threads[-1] == loop_thread
 
 
 def test_tokenize_thread_chars_must_not_be_negative(monkeypatch: pytest.MonkeyPatch) -> None:
