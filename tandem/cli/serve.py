@@ -183,6 +183,7 @@ async def serve(
         ready = await _wait_ready(spec, store, launcher, stop, ready_timeout)
         if ready:
             await server.config.app.state.frontend.warm_up()
+            server.config.app.state.frontend.watch_loop()
             freeze_startup_heap()
             print(f"Tandem ready: http://{spec.host}:{spec.port}/v1 ({spec.num_workers} workers)", flush=True)
             print(

@@ -11,6 +11,7 @@ clamp sampling -> `backend.generate` -> `GenerationResponse` (detokenize, stop s
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -54,6 +55,12 @@ class _Frontend:
         self.alias = served_model_name
         self.tokenizers = TokenizerCache()
         self.metrics = FrontendMetrics()
+        self._lag_task: asyncio.Task[None] | None = None
+
+    def watch_loop(self) -> None:
+        """Start sampling the event loop's lag into /metrics (call once, on the serving loop)."""
+        if self._lag_task is None:
+            self._lag_task = asyncio.create_task(self.metrics.watch_loop_lag(), name="loop-lag")
 
     async def warm_up(self) -> None:
         """Load every served model's tokenizer and chat template now, so the first request does not

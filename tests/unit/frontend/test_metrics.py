@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import asyncio
+import time
+
 from prometheus_client.parser import text_string_to_metric_families
 
 from tandem.frontend.metrics import FastHistogram, FrontendMetrics
@@ -41,3 +44,18 @@ def test_bucket_edges_are_inclusive() -> None:
     h = FastHistogram("h", "doc", (1.0, 2.0))
     h.observe(1.0)
     assert h.counts == [1, 0, 0]
+
+
+async def test_a_blocked_event_loop_shows_as_lag() -> None:
+    m = FrontendMetrics()
+    watch = asyncio.create_task(m.watch_loop_lag(interval=0.005))
+    await asyncio.sleep(0.05)  # a responsive loop: every sample well under the blocked one
+    time.sleep(0.06)  # what a long tokenization or a full GC does to every stream
+    await asyncio.sleep(0.02)
+    watch.cancel()
+    s = _samples(m.render())
+    name = "tandem_frontend_event_loop_lag_seconds"
+    total = s[(f"{name}_count", ())]
+    assert total >= 5
+    assert total - s[(f"{name}_bucket", (("le", "0.05"),))] == 1  # the one block, seen once
+    assert s[(f"{name}_sum", ())] >= 0.05
