@@ -17,15 +17,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from tandem import env
 from tandem.frontend.chat_tokens import PieceCache
 from tandem.frontend.errors import FieldError
+from tandem.frontend.microbatch import MicrobatchEncoder
 from tandem.protocol.errors import CheckpointError, InvalidRequestError
 from tandem.protocol.messages import SamplingSpec
 from tandem.protocol.openai import ChatCompletionRequest, ChatMessage, CompletionRequest
@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 COMPLETION_DEFAULT_MAX_TOKENS = 16
 MAX_STOP_STRINGS = 16
 MAX_COMPLETION_LOGPROBS = 5
-_T = TypeVar("_T")
 _GIL_BOUND_THREAD_CHARS = 32_768
 """A tokenizer that holds the GIL (transformers' Python one) goes to a thread only past this length:
 there it protects the streams from one long prompt, and for short ones a thread would only add a hop."""
@@ -77,9 +76,14 @@ class ModelTokenizer:
         )
         self._fast_encode = getattr(self._backend, "encode_batch_fast", None)  # tokenizers >= 0.21
         # The Rust batch calls release the GIL: on a tokenizer thread they run beside the event loop.
+        self._batcher = (
+            MicrobatchEncoder(self._encode_batch, _tokenize_threads())
+            if self._fast_encode is not None
+            else None
+        )
         self._thread_chars = (
             env.tokenize_thread_chars()
-            if self._fast_encode is not None
+            if self._batcher is not None
             else max(env.tokenize_thread_chars(), _GIL_BOUND_THREAD_CHARS)
         )
         self._pieces = (
@@ -111,9 +115,13 @@ class ModelTokenizer:
         assert self._backend is not None, "the piece cache is only built over the Rust tokenizer"
         return [list(e.ids) for e in self._backend.encode_batch(texts, add_special_tokens=False)]
 
-    async def _tokenize(self, alone: bool, chars: int, fn: Callable[..., _T], *args: Any) -> _T:
-        """`fn(*args)`, which tokenizes `chars` characters: on the tokenizer threads unless short,
-        or unless the request is `alone` (nothing else in flight on this frontend).
+    def _encode_batch(self, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+        assert self._fast_encode is not None
+        return [list(e.ids) for e in self._fast_encode(texts, add_special_tokens=add_special_tokens)]
+
+    def _offload(self, alone: bool, chars: int) -> bool:
+        """Tokenize `chars` characters on the tokenizer threads (True) or on the event loop: the
+        threads unless the text is short or the request is `alone` (nothing else in flight).
 
         Why a thread for prompts of a few hundred characters: Rust BPE costs ~1.5-2.5 us a token
         here, and a closed loop's clients send their next requests in bursts (a batch that finished
@@ -122,20 +130,23 @@ class ModelTokenizer:
         reached the engine one prefill step after the first, and every later step split the batch
         again. On a thread (the GIL released) the loop keeps routing and streaming: at c=16 with
         least-loaded routing, ITL p50 7.7 -> 5.8 ms and 39 -> 47 req/s (docs/benchmarks.md,
-        session 7). Below `tokenize_thread_chars` the hop costs more than the encode; and with no
-        other request in flight the loop has nothing to keep going, so the hop (~0.2-0.3 ms of
-        TTFT) would buy nothing.
+        session 7). Prompts that arrive together share one batch call (`MicrobatchEncoder`).
+        Below `tokenize_thread_chars` the hop costs more than the encode; and with no other request
+        in flight the loop has nothing to keep going, so the hop (~0.2-0.3 ms of TTFT) buys nothing.
         """
-        if chars > self._thread_chars and not alone:
-            return await asyncio.get_running_loop().run_in_executor(_tokenize_threads(), fn, *args)
-        return fn(*args)
+        return chars > self._thread_chars and not alone
 
     def _render(self, conv: list[dict[str, str]]) -> str:
         return str(self.tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=False))
 
     async def encode_async(self, text: str, add_special_tokens: bool, alone: bool = False) -> list[int]:
-        """`encode`, on a tokenizer thread unless the text is short or `alone` (see `_tokenize`)."""
-        return await self._tokenize(alone, len(text), self.encode, text, add_special_tokens)
+        """`encode`, on a tokenizer thread unless the text is short or `alone` (see `_offload`)."""
+        if not self._offload(alone, len(text)):
+            return self.encode(text, add_special_tokens)
+        if self._batcher is not None:
+            return (await self._batcher.encode([text], add_special_tokens))[0]
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(_tokenize_threads(), self.encode, text, add_special_tokens)
 
     async def encode_chat(self, text: str, alone: bool = False) -> list[int]:
         """A rendered chat prompt's ids, as `encode(text, False)`; earlier messages' pieces come
@@ -145,7 +156,10 @@ class ModelTokenizer:
             return await self.encode_async(text, False, alone)
         parts = cache.split(text)
         missing = cache.missing(parts)
-        new = await self._tokenize(alone, sum(map(len, missing)), cache.encode_missing, missing)
+        if self._batcher is not None and self._offload(alone, sum(map(len, missing))):
+            new = dict(zip(missing, await self._batcher.encode(missing, False), strict=True))
+        else:
+            new = cache.encode_missing(missing)
         return cache.assemble(parts, new)
 
     def render_chat(self, messages: list[ChatMessage]) -> str:
