@@ -77,7 +77,7 @@ class ModelTokenizer:
         self._fast_encode = getattr(self._backend, "encode_batch_fast", None)  # tokenizers >= 0.21
         # The Rust batch calls release the GIL: on a tokenizer thread they run beside the event loop.
         self._batcher = (
-            MicrobatchEncoder(self._encode_batch, _tokenize_threads())
+            MicrobatchEncoder(self._encode_batch, _tokenize_threads(), _TOKENIZE_THREADS)
             if self._fast_encode is not None
             else None
         )
@@ -179,15 +179,17 @@ class ModelTokenizer:
         return text
 
 
+_TOKENIZE_THREADS = min(
+    8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+)
+"""The frontend's tokenizer threads: one per core this process may use, at most 8."""
 _tokenize_pool: ThreadPoolExecutor | None = None
 
 
 def _tokenize_threads() -> ThreadPoolExecutor:
-    """The frontend's tokenizer threads: one per core this process may use, at most 8."""
     global _tokenize_pool
     if _tokenize_pool is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        _tokenize_pool = ThreadPoolExecutor(min(8, cores), thread_name_prefix="tandem-tokenize")
+        _tokenize_pool = ThreadPoolExecutor(_TOKENIZE_THREADS, thread_name_prefix="tandem-tokenize")
     return _tokenize_pool
 
 

@@ -78,3 +78,13 @@ async def test_an_error_reaches_every_caller_of_the_batch_and_the_next_batch_run
             await call
     tok.fail = False
     assert await enc.encode(["z"], False) == [[122]]
+
+
+async def test_up_to_max_batches_run_at_once(pool: ThreadPoolExecutor) -> None:
+    tok = FakeTokenizer()
+    enc = MicrobatchEncoder(tok.encode_many, pool, max_batches=2)
+    calls = [asyncio.ensure_future(enc.encode([t], False)) for t in "abcd"]
+    await asyncio.sleep(0.01)  # "a" and "b" each took a thread; "c" and "d" wait for a free one
+    tok.release.set()
+    assert [await c for c in calls] == [[[97]], [[98]], [[99]], [[100]]]
+    assert sorted(tok.batches) == [(["a"], False), (["b"], False), (["c", "d"], False)]
