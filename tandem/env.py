@@ -56,22 +56,20 @@ def chat_token_cache_chars() -> int:
     """TANDEM_CHAT_TOKEN_CACHE_CHARS: how many characters of chat text the frontend keeps token ids
     for, so each turn of a conversation encodes only its new messages (default 16,000,000: about 50 MB
     of text and ids; 0 turns the cache off)."""
-    value = os.environ.get("TANDEM_CHAT_TOKEN_CACHE_CHARS")
-    if not value:
-        return 16_000_000
-    n = int(value)
-    if n < 0:
-        raise ValueError(f"TANDEM_CHAT_TOKEN_CACHE_CHARS must be >= 0, got {value!r}")
-    return n
+    return _non_negative_int("TANDEM_CHAT_TOKEN_CACHE_CHARS", 16_000_000)
 
 
 def tokenize_thread_chars() -> int:
     """TANDEM_TOKENIZE_THREAD_CHARS: prompts (or a chat's new text) longer than this many characters
     are tokenized on the frontend's tokenizer threads instead of its event loop (default 256)."""
-    value = os.environ.get("TANDEM_TOKENIZE_THREAD_CHARS")
+    return _non_negative_int("TANDEM_TOKENIZE_THREAD_CHARS", 256)
+
+
+def _non_negative_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
     if not value:
-        return 256
+        return default
     n = int(value)
     if n < 0:
-        raise ValueError(f"TANDEM_TOKENIZE_THREAD_CHARS must be >= 0, got {value!r}")
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
     return n

@@ -229,7 +229,7 @@ def _message_dict(m: ChatMessage, i: int) -> dict[str, Any]:
 
 
 async def chat_prompt_ids(tok: ModelTokenizer, req: ChatCompletionRequest, alone: bool = False) -> list[int]:
-    """`alone`: no other request is in flight (see `ModelTokenizer._tokenize`)."""
+    """`alone`: no other request is in flight (see `ModelTokenizer._offload`)."""
     if not req.messages:
         raise FieldError("messages must not be empty", "messages")
     return await tok.encode_chat(tok.render_chat(req.messages), alone)
