@@ -24,13 +24,7 @@ def models_dir() -> Path:
 def torch_threads() -> int | None:
     """TANDEM_TORCH_THREADS: intra-op threads of the built-in engine on CPU (unset: the cores this
     process may run on, or OMP_NUM_THREADS if set). A positive integer."""
-    value = os.environ.get("TANDEM_TORCH_THREADS")
-    if not value:
-        return None
-    n = int(value)
-    if n < 1:
-        raise ValueError(f"TANDEM_TORCH_THREADS must be a positive integer, got {value!r}")
-    return n
+    return _int_at_least("TANDEM_TORCH_THREADS", 1)
 
 
 def cpu_half() -> str:
@@ -56,20 +50,23 @@ def chat_token_cache_chars() -> int:
     """TANDEM_CHAT_TOKEN_CACHE_CHARS: how many characters of chat text the frontend keeps token ids
     for, so each turn of a conversation encodes only its new messages (default 16,000,000: about 50 MB
     of text and ids; 0 turns the cache off)."""
-    return _non_negative_int("TANDEM_CHAT_TOKEN_CACHE_CHARS", 16_000_000)
+    n = _int_at_least("TANDEM_CHAT_TOKEN_CACHE_CHARS", 0)
+    return 16_000_000 if n is None else n
 
 
 def tokenize_thread_chars() -> int:
     """TANDEM_TOKENIZE_THREAD_CHARS: prompts (or a chat's new text) longer than this many characters
     are tokenized on the frontend's tokenizer threads instead of its event loop (default 256)."""
-    return _non_negative_int("TANDEM_TOKENIZE_THREAD_CHARS", 256)
+    n = _int_at_least("TANDEM_TOKENIZE_THREAD_CHARS", 0)
+    return 256 if n is None else n
 
 
-def _non_negative_int(name: str, default: int) -> int:
+def _int_at_least(name: str, minimum: int) -> int | None:
+    """The integer setting `name` (None when unset); ValueError below `minimum`."""
     value = os.environ.get(name)
     if not value:
-        return default
+        return None
     n = int(value)
-    if n < 0:
-        raise ValueError(f"{name} must be >= 0, got {value!r}")
+    if n < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return n
