@@ -54,10 +54,11 @@ def chat_token_cache_chars() -> int:
     return 16_000_000 if n is None else n
 
 
-def tokenize_thread_chars() -> int:
-    """TANDEM_TOKENIZE_THREAD_CHARS: prompts (or a chat's new text) longer than this many characters
-    are tokenized on the frontend's tokenizer threads instead of its event loop (default 256)."""
-    n = _int_at_least("TANDEM_TOKENIZE_THREAD_CHARS", 0)
+def tokenize_batch_chars() -> int:
+    """TANDEM_TOKENIZE_BATCH_CHARS: prompts (or a chat's new text) longer than this many characters,
+    sent while other requests are in flight, are tokenized together with the prompts that arrive with
+    them, in one batch call (default 256)."""
+    n = _int_at_least("TANDEM_TOKENIZE_BATCH_CHARS", 0)
     return 256 if n is None else n
 
 

@@ -1,15 +1,20 @@
-"""MicrobatchEncoder: concurrent tokenizations gathered into one batch call on a tokenizer thread.
+"""MicrobatchEncoder: tokenizations that arrive together, gathered into one batch call.
 
     ids = await encoder.encode(texts, add_special_tokens)
 
-Why: prompts are tokenized beside the frontend's event loop (see `ModelTokenizer._offload`), and a
-closed loop's clients send their next requests in bursts. One thread hop per prompt costs a wake-up
-and a GIL hand-back each; under load on a small machine that was ~5 ms of queueing per prompt at
-c=64. Here at most `max_batches` batches are on threads at a time (the frontend uses one per
-tokenizer thread); prompts that arrive while all are busy wait for the next free one, which encodes
-all of them in one Rust call (the GIL released). vLLM's `AsyncMicrobatchTokenizer` does the same.
-At speed-up 10000 (intake-bound) one batch at a time gave 439 / 451 req/s at c=16 and 638 / 617 at
-c=64, one per thread (2 here) 480 / 453 and 656 / 636, alternating runs.
+Why: a closed loop's clients send their next requests in bursts (a batch that finished together),
+and the engine prefills in one step only the prompts that have reached it when its step begins.
+Encoded one by one as they land, a burst's prompts reached the engine spread over several ms; the
+first ones started a prefill step and the rest waited a whole step behind them, so every turnover
+split the batch again (docs/benchmarks.md, sessions 7 and 8).
+
+So a call does not run at once. The encoder lets the event loop take in everything that is already
+readable (one more turn of the loop), then encodes all waiting texts in one Rust batch call:
+- on the event loop, when the batch holds at most `inline_chars` characters (the hop to a thread
+  and back costs a wake-up and two GIL hand-overs, several ms under load on a small machine);
+- on the executor otherwise, the GIL released, so a burst of long prompts does not stop the
+  streams. At most `max_batches` batches are on threads at once; texts that arrive meanwhile wait
+  for the next free one and go together (as vLLM's `AsyncMicrobatchTokenizer`).
 """
 
 from __future__ import annotations
@@ -22,54 +27,87 @@ EncodeMany = Callable[[list[str], bool], list[list[int]]]
 """(texts, add_special_tokens) -> each text's ids; must be safe to run on another thread."""
 
 _Item = tuple[list[str], "asyncio.Future[list[list[int]]]"]
+_Batches = list[tuple[bool, list[_Item]]]
 
 
 class MicrobatchEncoder:
-    def __init__(self, encode_many: EncodeMany, executor: Executor, max_batches: int = 1) -> None:
-        """`max_batches`: batches on threads at once (more prompts wait for the next free one)."""
+    def __init__(
+        self, encode_many: EncodeMany, executor: Executor, max_batches: int = 1, inline_chars: int = 0
+    ) -> None:
+        """`max_batches`: batches on threads at once; `inline_chars`: the largest batch (in
+        characters) encoded on the event loop instead of a thread."""
         self._encode_many = encode_many
         self._executor = executor
         self._max_batches = max_batches
+        self._inline_chars = inline_chars
         self._pending: dict[bool, list[_Item]] = {}
+        self._pending_chars = 0
+        self._scheduled = False
         self._running = 0
 
     async def encode(self, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[list[int]]] = loop.create_future()
         self._pending.setdefault(add_special_tokens, []).append((texts, future))
-        if self._running < self._max_batches:
-            self._start(loop)
+        self._pending_chars += sum(map(len, texts))
+        if not self._scheduled:
+            # Two hops: a callback queued now runs in this same turn of the loop, before the loop
+            # has read the other requests of a burst; one queued from there runs after that read.
+            self._scheduled = True
+            loop.call_soon(loop.call_soon, self._flush, loop)
         return await future
 
-    def _start(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._scheduled = False
+        if not self._pending:
+            return
+        if self._pending_chars <= self._inline_chars:
+            batches = self._take()
+            try:
+                results = self._run(batches)
+            except Exception as e:
+                self._deliver(batches, None, e)
+            else:
+                self._deliver(batches, results, None)
+        elif self._running < self._max_batches:
+            batches = self._take()
+            self._running += 1
+            job = loop.run_in_executor(self._executor, self._run, batches)
+            job.add_done_callback(lambda j: self._finish(loop, batches, j))
+        # else: a thread batch ends soon and flushes what waits (`_finish`)
+
+    def _take(self) -> _Batches:
         batches = list(self._pending.items())
         self._pending = {}
-        if not batches:
-            return
-        self._running += 1
-        job = loop.run_in_executor(self._executor, self._run, batches)
-        job.add_done_callback(lambda j: self._finish(loop, batches, j))
+        self._pending_chars = 0
+        return batches
 
-    def _run(self, batches: list[tuple[bool, list[_Item]]]) -> list[list[list[int]]]:
-        """On the tokenizer thread: one call per special-token rule, every waiting text in it."""
+    def _run(self, batches: _Batches) -> list[list[list[int]]]:
+        """One call per special-token rule, every waiting text in it (on the loop or a thread)."""
         return [self._encode_many([t for texts, _ in items for t in texts], flag) for flag, items in batches]
 
     def _finish(
         self,
         loop: asyncio.AbstractEventLoop,
-        batches: list[tuple[bool, list[_Item]]],
+        batches: _Batches,
         job: asyncio.Future[list[list[list[int]]]],
     ) -> None:
         self._running -= 1
         error = job.exception() if not job.cancelled() else asyncio.CancelledError()
-        results = job.result() if error is None else [[] for _ in batches]
-        for (_, items), ids in zip(batches, results, strict=True):
+        self._deliver(batches, job.result() if error is None else None, error)
+        if not self._scheduled:
+            self._flush(loop)  # what arrived while this batch ran
+
+    @staticmethod
+    def _deliver(
+        batches: _Batches, results: list[list[list[int]]] | None, error: BaseException | None
+    ) -> None:
+        for i, (_, items) in enumerate(batches):
             start = 0
             for texts, future in items:
                 if not future.done():  # a caller that left (client disconnect) is skipped
-                    if error is not None:
-                        future.set_exception(error)
+                    if results is None:
+                        future.set_exception(error or RuntimeError("tokenization failed"))
                     else:
-                        future.set_result(ids[start : start + len(texts)])
+                        future.set_result(results[i][start : start + len(texts)])
                 start += len(texts)
-        self._start(loop)  # what arrived while this batch ran

@@ -38,6 +38,9 @@ MAX_COMPLETION_LOGPROBS = 5
 _GIL_BOUND_THREAD_CHARS = 32_768
 """A tokenizer that holds the GIL (transformers' Python one) goes to a thread only past this length:
 there it protects the streams from one long prompt, and for short ones a thread would only add a hop."""
+_INLINE_BATCH_CHARS = 24_576
+"""The largest gathered batch encoded on the event loop (larger ones go to a tokenizer thread): 32
+chat prompts of ~114 tokens (20.8k characters) took 3.1 ms here in one Rust batch call."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,14 +80,16 @@ class ModelTokenizer:
         self._fast_encode = getattr(self._backend, "encode_batch_fast", None)  # tokenizers >= 0.21
         # The Rust batch calls release the GIL: on a tokenizer thread they run beside the event loop.
         self._batcher = (
-            MicrobatchEncoder(self._encode_many, _tokenize_threads(), _TOKENIZE_THREADS)
+            MicrobatchEncoder(
+                self._encode_many, _tokenize_threads(), _TOKENIZE_THREADS, inline_chars=_INLINE_BATCH_CHARS
+            )
             if self._fast_encode is not None
             else None
         )
-        self._thread_chars = (
-            env.tokenize_thread_chars()
+        self._batch_chars = (
+            env.tokenize_batch_chars()
             if self._batcher is not None
-            else max(env.tokenize_thread_chars(), _GIL_BOUND_THREAD_CHARS)
+            else max(env.tokenize_batch_chars(), _GIL_BOUND_THREAD_CHARS)
         )
         self._pieces = (
             PieceCache.for_tokenizer(
@@ -114,38 +119,38 @@ class ModelTokenizer:
             ]
         return [list(self.tokenizer(t, add_special_tokens=add_special_tokens)["input_ids"]) for t in texts]
 
-    async def _encode_off_loop(self, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
-        """`_encode_many` on the tokenizer threads: microbatched when the Rust fast path exists."""
+    async def _encode_batched(self, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+        """`_encode_many` with the texts of the requests that arrive together (`MicrobatchEncoder`);
+        without the Rust fast path, on a tokenizer thread."""
         if self._batcher is not None:
             return await self._batcher.encode(texts, add_special_tokens)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(_tokenize_threads(), self._encode_many, texts, add_special_tokens)
 
-    def _offload(self, alone: bool, chars: int) -> bool:
-        """Tokenize `chars` characters on the tokenizer threads (True) or on the event loop: the
-        threads unless the text is short or the request is `alone` (nothing else in flight).
+    def _batched(self, alone: bool, chars: int) -> bool:
+        """Tokenize `chars` characters together with the other prompts arriving now (True), or at
+        once on the event loop: batched unless the text is short or the request is `alone`.
 
-        Why a thread for prompts of a few hundred characters: Rust BPE costs ~1.5-2.5 us a token
-        here, and a closed loop's clients send their next requests in bursts (a batch that finished
-        together). Encoded one after another on the event loop, a burst of 8 chat prompts of 100
-        tokens blocked it for 4-9 ms while the other streams waited; the last replacements then
-        reached the engine one prefill step after the first, and every later step split the batch
-        again. On a thread (the GIL released) the loop keeps routing and streaming: at c=16 with
-        least-loaded routing, ITL p50 7.7 -> 5.8 ms and 39 -> 47 req/s (docs/benchmarks.md,
-        session 7). Prompts that arrive together share one batch call (`MicrobatchEncoder`).
-        Below `tokenize_thread_chars` the hop costs more than the encode; and with no other request
-        in flight the loop has nothing to keep going, so the hop (~0.2-0.3 ms of TTFT) buys nothing.
+        Why: a closed loop's clients send their next requests in bursts (a batch that finished
+        together), and the engine prefills in one step only the prompts that reached it before the
+        step began. Encoded one after another as they landed (Rust BPE: ~1-2 us a token here), a
+        burst's prompts reached the engine spread over several ms, and every turnover split the
+        batch again. Gathered (one batch call when the loop has read the whole burst, on the loop
+        when small, on a thread when large) they reach the engine together: at c=64 with
+        least-loaded routing, TTFT p50 117 -> 97 ms (docs/benchmarks.md, session 8). Below
+        `tokenize_batch_chars` a text costs less than the wait; and with no other request in
+        flight there is no burst to wait for.
         """
-        return chars > self._thread_chars and not alone
+        return chars > self._batch_chars and not alone
 
     def _render(self, conv: list[dict[str, str]]) -> str:
         return str(self.tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=False))
 
     async def encode_async(self, text: str, add_special_tokens: bool, alone: bool = False) -> list[int]:
-        """`encode`, on a tokenizer thread unless the text is short or `alone` (see `_offload`)."""
-        if not self._offload(alone, len(text)):
+        """`encode`, batched with the prompts arriving now unless short or `alone` (see `_batched`)."""
+        if not self._batched(alone, len(text)):
             return self.encode(text, add_special_tokens)
-        return (await self._encode_off_loop([text], add_special_tokens))[0]
+        return (await self._encode_batched([text], add_special_tokens))[0]
 
     async def encode_chat(self, text: str, alone: bool = False) -> list[int]:
         """A rendered chat prompt's ids, as `encode(text, False)`; earlier messages' pieces come
@@ -155,8 +160,8 @@ class ModelTokenizer:
             return await self.encode_async(text, False, alone)
         parts = cache.split(text)
         missing = cache.missing(parts)
-        if self._offload(alone, sum(map(len, missing))):
-            new = dict(zip(missing, await self._encode_off_loop(missing, False), strict=True))
+        if self._batched(alone, sum(map(len, missing))):
+            new = dict(zip(missing, await self._encode_batched(missing, False), strict=True))
         else:
             new = cache.encode_missing(missing)
         return cache.assemble(parts, new)
@@ -228,7 +233,7 @@ def _message_dict(m: ChatMessage, i: int) -> dict[str, Any]:
 
 
 async def chat_prompt_ids(tok: ModelTokenizer, req: ChatCompletionRequest, alone: bool = False) -> list[int]:
-    """`alone`: no other request is in flight (see `ModelTokenizer._offload`)."""
+    """`alone`: no other request is in flight (see `ModelTokenizer._batched`)."""
     if not req.messages:
         raise FieldError("messages must not be empty", "messages")
     return await tok.encode_chat(tok.render_chat(req.messages), alone)

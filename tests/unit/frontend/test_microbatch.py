@@ -83,8 +83,67 @@ async def test_an_error_reaches_every_caller_of_the_batch_and_the_next_batch_run
 async def test_up_to_max_batches_run_at_once(pool: ThreadPoolExecutor) -> None:
     tok = FakeTokenizer()
     enc = MicrobatchEncoder(tok.encode_many, pool, max_batches=2)
-    calls = [asyncio.ensure_future(enc.encode([t], False)) for t in "abcd"]
-    await asyncio.sleep(0.01)  # "a" and "b" each took a thread; "c" and "d" wait for a free one
+    calls = []
+    for t in "ab":  # each one alone: "a" and "b" each take a thread
+        calls.append(asyncio.ensure_future(enc.encode([t], False)))
+        await asyncio.sleep(0.01)
+    calls += [asyncio.ensure_future(enc.encode([t], False)) for t in "cd"]  # wait for a free thread
+    await asyncio.sleep(0.01)
     tok.release.set()
     assert [await c for c in calls] == [[[97]], [[98]], [[99]], [[100]]]
     assert sorted(tok.batches) == [(["a"], False), (["b"], False), (["c", "d"], False)]
+
+
+async def test_a_burst_read_in_one_turn_of_the_loop_is_one_batch(pool: ThreadPoolExecutor) -> None:
+    """Clients whose requests are readable together: the encoder waits for the loop to read them
+    all, so their prompts reach the engine together (one prefill step, not a split batch)."""
+    tok = FakeTokenizer()
+    tok.release.set()
+    enc = MicrobatchEncoder(tok.encode_many, pool, max_batches=2, inline_chars=1000)
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        line = (await reader.readline()).decode().strip()
+        ids = await enc.encode([line], False)
+        writer.write(f"{ids[0]}\n".encode())
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(4)]
+        await asyncio.sleep(0.05)  # every connection accepted and its handler waiting to read
+        for i, (_, writer) in enumerate(conns):
+            writer.write(f"{'wxyz'[i]}\n".encode())  # sent back to back, before the loop runs
+        replies = [(await reader.readline()).decode().strip() for reader, _ in conns]
+        for _, writer in conns:
+            writer.close()
+    assert replies == ["[119]", "[120]", "[121]", "[122]"]
+    assert len(tok.batches) == 1 and sorted(tok.batches[0][0]) == ["w", "x", "y", "z"]
+
+
+async def test_small_batches_run_on_the_loop_and_large_ones_on_a_thread(pool: ThreadPoolExecutor) -> None:
+    threads: list[str] = []
+
+    def encode_many(texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+        threads.append(threading.current_thread().name)
+        return [[len(t)] for t in texts]
+
+    enc = MicrobatchEncoder(encode_many, pool, inline_chars=10)
+    assert await asyncio.gather(enc.encode(["abc"], False), enc.encode(["defg"], False)) == [[[3]], [[4]]]
+    assert threads == [threading.current_thread().name]  # 7 characters: one call, on the loop
+    assert await asyncio.gather(enc.encode(["abcdef"], False), enc.encode(["ghijk"], True)) == [[[6]], [[5]]]
+    assert len(threads) == 3 and all(t != threading.current_thread().name for t in threads[1:])
+
+
+async def test_an_error_on_the_loop_reaches_every_caller(pool: ThreadPoolExecutor) -> None:
+    tok = FakeTokenizer()
+    tok.release.set()
+    tok.fail = True
+    enc = MicrobatchEncoder(tok.encode_many, pool, inline_chars=100)
+    calls = [asyncio.ensure_future(enc.encode([t], False)) for t in "ab"]
+    for call in calls:
+        with pytest.raises(RuntimeError, match="exploded"):
+            await call
+    tok.fail = False
+    assert await enc.encode(["z"], False) == [[122]]

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import threading
 from pathlib import Path
 from typing import Any
@@ -8,6 +9,7 @@ import msgspec
 import pytest
 
 from tandem import env
+from tandem.frontend import preprocess
 from tandem.frontend.errors import FieldError
 from tandem.frontend.preprocess import ModelTokenizer, chat_prompt_ids, completion_prompt_ids, prepare
 from tandem.protocol.errors import InvalidRequestError
@@ -59,41 +61,46 @@ async def test_completion_prompt_uses_tokenizer_rule(tok: ModelTokenizer, hf_tok
         await completion_prompt_ids(tok, completion(prompt=["a", "b"]))
 
 
-async def test_long_prompts_are_tokenized_beside_the_event_loop(
+async def test_long_prompts_are_batched_and_large_batches_run_beside_the_event_loop(
     tiny_dir: Path, hf_tokenizer: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("TANDEM_TOKENIZE_THREAD_CHARS", "40")
+    monkeypatch.setenv("TANDEM_TOKENIZE_BATCH_CHARS", "40")
+    monkeypatch.setattr(preprocess, "_INLINE_BATCH_CHARS", 300)
     tok = ModelTokenizer(tiny_dir)
     encode = tok._fast_encode
     assert encode is not None, "the tiny model has a Rust tokenizer"
-    threads: list[str] = []
+    calls: list[tuple[str, int]] = []
 
     def spy(texts: list[str], **kw: Any) -> Any:
-        threads.append(threading.current_thread().name)
+        calls.append((threading.current_thread().name, len(texts)))
         return encode(texts, **kw)
 
     tok._fast_encode = spy
+    loop_thread = threading.current_thread().name
     short, long = "hi there", "the quick brown fox jumps over the lazy dog, " * 3
     assert await tok.encode_async(short, True) == hf_tokenizer(short)["input_ids"]
     assert await tok.encode_async(long, True) == hf_tokenizer(long)["input_ids"]
+    assert calls == [(loop_thread, 1), (loop_thread, 1)]  # a batch of one, small: on the loop
+    # Three long prompts at once: one batch call of 405 characters, past the inline limit: a thread.
+    texts = [long + str(i) for i in range(3)]
+    got = await asyncio.gather(*(tok.encode_async(t, True) for t in texts))
+    assert got == [hf_tokenizer(t)["input_ids"] for t in texts]
+    assert calls[2][0].startswith("tandem-tokenize") and calls[2][1] == 3 and len(calls) == 3
     messages = [{"role": "user", "content": long + "again"}]
     expected = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     expected = expected["input_ids"] if hasattr(expected, "keys") else expected
     assert await chat_prompt_ids(tok, chat(messages=messages)) == list(expected)
-    loop_thread = threading.current_thread().name
-    assert threads[0] == loop_thread
-    assert threads[1].startswith("tandem-tokenize") and threads[-1].startswith("tandem-tokenize")
-    # Alone (nothing else in flight), even a long prompt stays on the loop: no hop to pay for.
+    # Alone (nothing else in flight), a long prompt is encoded at once: no burst to wait for.
     assert await tok.encode_async(long, True, alone=True) == hf_tokenizer(long)["input_ids"]
-    assert threads[-1] == loop_thread
+    assert calls[-1] == (loop_thread, 1)
 
 
-def test_tokenize_thread_chars_must_not_be_negative(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TANDEM_TOKENIZE_THREAD_CHARS", "-1")
-    with pytest.raises(ValueError, match="TANDEM_TOKENIZE_THREAD_CHARS"):
-        env.tokenize_thread_chars()
-    monkeypatch.delenv("TANDEM_TOKENIZE_THREAD_CHARS")
-    assert env.tokenize_thread_chars() == 256
+def test_tokenize_batch_chars_must_not_be_negative(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TANDEM_TOKENIZE_BATCH_CHARS", "-1")
+    with pytest.raises(ValueError, match="TANDEM_TOKENIZE_BATCH_CHARS"):
+        env.tokenize_batch_chars()
+    monkeypatch.delenv("TANDEM_TOKENIZE_BATCH_CHARS")
+    assert env.tokenize_batch_chars() == 256
 
 
 def test_max_tokens_is_clamped_to_the_context() -> None:
