@@ -10,8 +10,10 @@ split the batch again (docs/benchmarks.md, sessions 7 and 8).
 
 So a call does not run at once. The encoder lets the event loop take in everything that is already
 readable (one more turn of the loop), then encodes all waiting texts in one Rust batch call:
-- on the event loop, when the batch holds at most `inline_chars` characters (the hop to a thread
-  and back costs a wake-up and two GIL hand-overs, several ms under load on a small machine);
+- on the event loop, when the batch holds at most `inline_chars` characters and no text longer than
+  `inline_text_chars` (the Rust call spreads many texts over the cores, but one long text runs on one
+  core; the hop to a thread and back costs a wake-up and two GIL hand-overs, several ms under load
+  on a small machine);
 - on the executor otherwise, the GIL released, so a burst of long prompts does not stop the
   streams. At most `max_batches` batches are on threads at once; texts that arrive meanwhile wait
   for the next free one and go together (as vLLM's `AsyncMicrobatchTokenizer`).
@@ -32,16 +34,23 @@ _Batches = list[tuple[bool, list[_Item]]]
 
 class MicrobatchEncoder:
     def __init__(
-        self, encode_many: EncodeMany, executor: Executor, max_batches: int = 1, inline_chars: int = 0
+        self,
+        encode_many: EncodeMany,
+        executor: Executor,
+        max_batches: int = 1,
+        inline_chars: int = 0,
+        inline_text_chars: int = 0,
     ) -> None:
-        """`max_batches`: batches on threads at once; `inline_chars`: the largest batch (in
-        characters) encoded on the event loop instead of a thread."""
+        """`max_batches`: batches on threads at once; a batch of at most `inline_chars` characters,
+        none of its texts longer than `inline_text_chars`, is encoded on the event loop instead."""
         self._encode_many = encode_many
         self._executor = executor
         self._max_batches = max_batches
         self._inline_chars = inline_chars
+        self._inline_text_chars = inline_text_chars
         self._pending: dict[bool, list[_Item]] = {}
         self._pending_chars = 0
+        self._pending_longest = 0
         self._scheduled = False
         self._running = 0
 
@@ -50,6 +59,7 @@ class MicrobatchEncoder:
         future: asyncio.Future[list[list[int]]] = loop.create_future()
         self._pending.setdefault(add_special_tokens, []).append((texts, future))
         self._pending_chars += sum(map(len, texts))
+        self._pending_longest = max(self._pending_longest, max(map(len, texts), default=0))
         if not self._scheduled:
             # Two hops: a callback queued now runs in this same turn of the loop, before the loop
             # has read the other requests of a burst; one queued from there runs after that read.
@@ -61,7 +71,7 @@ class MicrobatchEncoder:
         self._scheduled = False
         if not self._pending:
             return
-        if self._pending_chars <= self._inline_chars:
+        if self._pending_chars <= self._inline_chars and self._pending_longest <= self._inline_text_chars:
             batches = self._take()
             try:
                 results = self._run(batches)
@@ -80,6 +90,7 @@ class MicrobatchEncoder:
         batches = list(self._pending.items())
         self._pending = {}
         self._pending_chars = 0
+        self._pending_longest = 0
         return batches
 
     def _run(self, batches: _Batches) -> list[list[list[int]]]:

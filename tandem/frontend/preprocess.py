@@ -39,8 +39,11 @@ _GIL_BOUND_THREAD_CHARS = 32_768
 """A tokenizer that holds the GIL (transformers' Python one) goes to a thread only past this length:
 there it protects the streams from one long prompt, and for short ones a thread would only add a hop."""
 _INLINE_BATCH_CHARS = 24_576
-"""The largest gathered batch encoded on the event loop (larger ones go to a tokenizer thread): 32
-chat prompts of ~114 tokens (20.8k characters) took 3.1 ms here in one Rust batch call."""
+_INLINE_TEXT_CHARS = 4_096
+"""The largest gathered batch, and the longest text in it, encoded on the event loop (anything larger
+goes to a tokenizer thread). Here one Rust batch call took 3.1 ms for 32 chat prompts of ~114 tokens
+(20.8k characters, spread over the cores), 0.64 ms for one text of 4k characters, and 4.9 ms for one
+of 24k (a single text runs on one core)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +84,11 @@ class ModelTokenizer:
         # The Rust batch calls release the GIL: on a tokenizer thread they run beside the event loop.
         self._batcher = (
             MicrobatchEncoder(
-                self._encode_many, _tokenize_threads(), _TOKENIZE_THREADS, inline_chars=_INLINE_BATCH_CHARS
+                self._encode_many,
+                _tokenize_threads(),
+                _TOKENIZE_THREADS,
+                inline_chars=_INLINE_BATCH_CHARS,
+                inline_text_chars=_INLINE_TEXT_CHARS,
             )
             if self._fast_encode is not None
             else None

@@ -99,7 +99,7 @@ async def test_a_burst_read_in_one_turn_of_the_loop_is_one_batch(pool: ThreadPoo
     all, so their prompts reach the engine together (one prefill step, not a split batch)."""
     tok = FakeTokenizer()
     tok.release.set()
-    enc = MicrobatchEncoder(tok.encode_many, pool, max_batches=2, inline_chars=1000)
+    enc = MicrobatchEncoder(tok.encode_many, pool, max_batches=2, inline_chars=1000, inline_text_chars=10)
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         line = (await reader.readline()).decode().strip()
@@ -129,18 +129,21 @@ async def test_small_batches_run_on_the_loop_and_large_ones_on_a_thread(pool: Th
         threads.append(threading.current_thread().name)
         return [[len(t)] for t in texts]
 
-    enc = MicrobatchEncoder(encode_many, pool, inline_chars=10)
+    enc = MicrobatchEncoder(encode_many, pool, inline_chars=10, inline_text_chars=5)
+    loop_thread = threading.current_thread().name
     assert await asyncio.gather(enc.encode(["abc"], False), enc.encode(["defg"], False)) == [[[3]], [[4]]]
-    assert threads == [threading.current_thread().name]  # 7 characters: one call, on the loop
+    assert threads == [loop_thread]  # 7 characters, none over 5: one call, on the loop
     assert await asyncio.gather(enc.encode(["abcdef"], False), enc.encode(["ghijk"], True)) == [[[6]], [[5]]]
-    assert len(threads) == 3 and all(t != threading.current_thread().name for t in threads[1:])
+    assert len(threads) == 3 and loop_thread not in threads[1:]  # 11 characters: a thread
+    assert await enc.encode(["abcdef"], False) == [[6]]
+    assert len(threads) == 4 and threads[3] != loop_thread  # 6 characters, but one text over 5
 
 
 async def test_an_error_on_the_loop_reaches_every_caller(pool: ThreadPoolExecutor) -> None:
     tok = FakeTokenizer()
     tok.release.set()
     tok.fail = True
-    enc = MicrobatchEncoder(tok.encode_many, pool, inline_chars=100)
+    enc = MicrobatchEncoder(tok.encode_many, pool, inline_chars=100, inline_text_chars=10)
     calls = [asyncio.ensure_future(enc.encode([t], False)) for t in "ab"]
     for call in calls:
         with pytest.raises(RuntimeError, match="exploded"):

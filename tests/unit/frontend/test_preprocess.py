@@ -66,6 +66,7 @@ async def test_long_prompts_are_batched_and_large_batches_run_beside_the_event_l
 ) -> None:
     monkeypatch.setenv("TANDEM_TOKENIZE_BATCH_CHARS", "40")
     monkeypatch.setattr(preprocess, "_INLINE_BATCH_CHARS", 300)
+    monkeypatch.setattr(preprocess, "_INLINE_TEXT_CHARS", 200)
     tok = ModelTokenizer(tiny_dir)
     encode = tok._fast_encode
     assert encode is not None, "the tiny model has a Rust tokenizer"
@@ -86,6 +87,9 @@ async def test_long_prompts_are_batched_and_large_batches_run_beside_the_event_l
     got = await asyncio.gather(*(tok.encode_async(t, True) for t in texts))
     assert got == [hf_tokenizer(t)["input_ids"] for t in texts]
     assert calls[2][0].startswith("tandem-tokenize") and calls[2][1] == 3 and len(calls) == 3
+    # One prompt of 270 characters: under the batch limit, but one text runs on one core: a thread.
+    assert await tok.encode_async(long * 2, True) == hf_tokenizer(long * 2)["input_ids"]
+    assert calls[3][0].startswith("tandem-tokenize") and len(calls) == 4
     messages = [{"role": "user", "content": long + "again"}]
     expected = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     expected = expected["input_ids"] if hasattr(expected, "keys") else expected
