@@ -103,6 +103,14 @@ class FrontendMetrics:
         if cached:
             self.cached_tokens.inc(cached)
 
+    def request_started(self) -> None:
+        self.inflight.inc()
+        self.active += 1
+
+    def request_ended(self) -> None:
+        self.inflight.dec()
+        self.active -= 1
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 

@@ -138,15 +138,9 @@ class ModelTokenizer:
         """Tokenize `chars` characters together with the other prompts arriving now (True), or at
         once on the event loop: batched unless the text is short or the request is `alone`.
 
-        Why: a closed loop's clients send their next requests in bursts (a batch that finished
-        together), and the engine prefills in one step only the prompts that reached it before the
-        step began. Encoded one after another as they landed (Rust BPE: ~1-2 us a token here), a
-        burst's prompts reached the engine spread over several ms, and every turnover split the
-        batch again. Gathered (one batch call when the loop has read the whole burst, on the loop
-        when small, on a thread when large) they reach the engine together: at c=64 with
-        least-loaded routing, TTFT p50 117 -> 97 ms (docs/benchmarks.md, session 8). Below
-        `tokenize_batch_chars` a text costs less than the wait; and with no other request in
-        flight there is no burst to wait for.
+        Batching keeps a burst of prompts together on its way to the engine (why, and what it
+        measured: `tandem.frontend.microbatch`). Below `tokenize_batch_chars` a text costs less than
+        the wait; with no other request in flight there is no burst to wait for.
         """
         return chars > self._batch_chars and not alone
 

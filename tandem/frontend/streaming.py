@@ -91,8 +91,7 @@ class GenerationResponse(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         gen = self.gen
-        gen.metrics.inflight.inc()
-        gen.metrics.active += 1
+        gen.metrics.request_started()
         run = self._stream(send) if gen.stream else self._collect(send)
         pump = asyncio.ensure_future(run)
         watcher = asyncio.ensure_future(_wait_disconnect(receive))
@@ -107,8 +106,7 @@ class GenerationResponse(Response):
         finally:
             watcher.cancel()
             await _close(gen.outputs)
-            gen.metrics.inflight.dec()
-            gen.metrics.active -= 1
+            gen.metrics.request_ended()
             gen.metrics.count_request(gen.endpoint, self.status)
             p = gen.prepared
             gen.metrics.count_tokens(len(p.prompt_ids), self.num_tokens, self.num_cached)
