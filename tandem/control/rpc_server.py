@@ -1,7 +1,9 @@
 """Request-plane server: serves calls from many multiplexed streams on persistent connections.
 
-A `Handler` turns one `Call` into an async iterator of results: `EngineOutput`s become `Tokens`
-frames (merged when the client lags), other results become `Reply` frames; when the iterator ends the
+A `Handler` turns one `Call` into an async iterator of results, synchronously: whatever it does before
+returning (a worker hands a request to its engine) happens as the frame is read, not one event-loop
+turn later in the stream's task. It raises a `TandemError` to refuse the call. `EngineOutput`s become
+`Tokens` frames (merged when the client lags), other results become `Reply` frames; when the iterator ends the
 stream gets `End`, when it raises a `TandemError` the stream gets `Fail` with the error's code.
 A `Cancel` frame, or the connection closing, cancels the stream's task: the handler's `finally`
 blocks run (a worker's handler aborts the engine request there, which frees its KV).
@@ -11,8 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncGenerator, Callable
-from contextlib import aclosing
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from tandem.control.framing import MAX_FRAME_BYTES, FrameError, FrameWriter, read_frame, set_nodelay
@@ -22,7 +23,7 @@ from tandem.protocol.rpc import Call, Cancel, End, Fail, Open, Ping, Pong, Reply
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[Call], AsyncGenerator[Any, None]]
+Handler = Callable[[Call], AsyncIterator[Any]]
 
 
 class RpcServer:
@@ -92,18 +93,22 @@ class _ServerConnection:
         self.peer = writer.get_extra_info("peername")
         self.out = FrameWriter(writer, max_frame_bytes=server.max_frame_bytes, on_error=self._on_write_error)
         self.tasks: dict[int, asyncio.Task[None]] = {}
+        self._last_rx = 0.0
+        self._silent = False
 
     async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._last_rx = loop.time()
+        me = asyncio.current_task()
+        watchdog = loop.call_later(self.server.client_timeout, self._watch, loop, me)
         try:
             while True:
-                frame = await asyncio.wait_for(
-                    read_frame(self.reader, self.server.max_frame_bytes), self.server.client_timeout
-                )
+                # No timeout around each read (asyncio.wait_for would start a task per frame): the
+                # watchdog closes a connection that stays silent instead.
+                frame = await read_frame(self.reader, self.server.max_frame_bytes)
+                self._last_rx = loop.time()
                 if isinstance(frame, Open):
-                    if frame.sid in self.tasks:
-                        self.out.send(Fail(frame.sid, "invalid_request_error", "stream id already in use"))
-                        continue
-                    self.tasks[frame.sid] = asyncio.create_task(self._run_call(frame.sid, frame.call))
+                    self._open(frame)
                 elif isinstance(frame, Cancel):
                     task = self.tasks.pop(frame.sid, None)
                     if task is not None:
@@ -116,17 +121,45 @@ class _ServerConnection:
             if isinstance(e, FrameError):
                 log.warning("%s: closing connection from %s: %s", self.server.name, self.peer, e)
                 self.out.send(Fail(0, "invalid_request_error", str(e)))
-        except TimeoutError:
-            log.warning(
-                "%s: client %s silent for %.0f s: closing",
-                self.server.name,
-                self.peer,
-                self.server.client_timeout,
-            )
         except asyncio.CancelledError:
-            pass
+            if self._silent:
+                log.warning(
+                    "%s: client %s silent for %.0f s: closing",
+                    self.server.name,
+                    self.peer,
+                    self.server.client_timeout,
+                )
         finally:
+            watchdog.cancel()
             await self.close()
+
+    def _watch(self, loop: asyncio.AbstractEventLoop, serving: asyncio.Task[Any] | None) -> None:
+        """Cancel `serving` (the read loop) once the client has sent nothing for client_timeout."""
+        idle = loop.time() - self._last_rx
+        if idle >= self.server.client_timeout and serving is not None:
+            self._silent = True
+            serving.cancel()
+            return
+        loop.call_later(self.server.client_timeout - idle, self._watch, loop, serving)
+
+    def _open(self, frame: Open) -> None:
+        if frame.sid in self.tasks:
+            self.out.send(Fail(frame.sid, "invalid_request_error", "stream id already in use"))
+            return
+
+        try:
+            items = self.server.handler(frame.call)
+        except TandemError as e:
+            self.out.send(Fail(frame.sid, e.code, str(e)))
+            return
+        except Exception as e:
+            log.exception("%s: call %s failed", self.server.name, type(frame.call).__name__)
+            self.out.send(Fail(frame.sid, "internal_error", f"{type(e).__name__}: {e}"))
+            return
+        task = asyncio.create_task(self._run_call(frame.sid, items))
+        # A task cancelled before its first step never enters `_run_call`: close its items here.
+        task.add_done_callback(lambda t: _close_soon(items) if t.cancelled() else None)
+        self.tasks[frame.sid] = task
 
     async def close(self) -> None:
         for task in self.tasks.values():
@@ -139,22 +172,39 @@ class _ServerConnection:
         for task in self.tasks.values():
             task.cancel()
 
-    async def _run_call(self, sid: int, call: Call) -> None:
+    async def _run_call(self, sid: int, items: AsyncIterator[Any]) -> None:
         out = self.out
         try:
-            async with aclosing(self.server.handler(call)) as items:
+            try:
                 async for item in items:
                     if isinstance(item, EngineOutput):
                         out.send(Tokens(sid, item))
                     else:
                         out.send(Reply(sid, item))
+            finally:
+                await _aclose(items)
             out.send(End(sid))
         except TandemError as e:
             out.send(Fail(sid, e.code, str(e)))
         except asyncio.CancelledError:
             pass  # the client cancelled or left: it expects nothing more on this stream
         except Exception as e:
-            log.exception("%s: call %s failed", self.server.name, type(call).__name__)
+            log.exception("%s: a call's stream failed", self.server.name)
             out.send(Fail(sid, "internal_error", f"{type(e).__name__}: {e}"))
         finally:
             self.tasks.pop(sid, None)
+
+
+async def _aclose(items: AsyncIterator[Any]) -> None:
+    aclose = getattr(items, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+_closing: set[asyncio.Future[None]] = set()
+
+
+def _close_soon(items: AsyncIterator[Any]) -> None:
+    job = asyncio.ensure_future(_aclose(items))
+    _closing.add(job)  # the loop keeps only a weak reference to a task
+    job.add_done_callback(_closing.discard)

@@ -85,26 +85,22 @@ class AsyncEngine:
     def num_active(self) -> int:
         return len(self._streams)
 
-    async def generate(self, req: GenerateRequest) -> AsyncIterator[EngineOutput]:
-        """Stream outputs for one request. Closing the iterator early aborts it and frees its KV."""
+    def submit(self, req: GenerateRequest) -> EngineStream:
+        """Hand `req` to the engine now (it joins the next step) and return its output stream."""
         if self._stopped:
             raise TandemError("the engine is stopped")
         sink: asyncio.Queue[EngineOutput | BaseException] = asyncio.Queue()
         self._inbox.put(_Add(req, sink, asyncio.get_running_loop()))
-        finished = False
+        return EngineStream(self, req.request_id, sink)
+
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[EngineOutput]:
+        """Stream outputs for one request. Closing the iterator early aborts it and frees its KV."""
+        stream = self.submit(req)
         try:
-            while True:
-                item = await sink.get()
-                if isinstance(item, BaseException):
-                    raise item
-                if item.finish_reason is not None:
-                    finished = True
-                yield item
-                if finished:
-                    return
+            async for out in stream:
+                yield out
         finally:
-            if not finished:
-                self._inbox.put(_Abort(req.request_id))
+            stream.close()
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(_Abort(request_id))
@@ -195,6 +191,42 @@ class AsyncEngine:
             self.core.abort(rid)
             stream.loop.call_soon_threadsafe(stream.sink.put_nowait, err)
         self._streams.clear()
+
+
+class EngineStream:
+    """One request's outputs, in order, as an async iterator. Closing it before the last output
+    aborts the request (its KV blocks are freed at the engine's next step)."""
+
+    __slots__ = ("_engine", "_finished", "_request_id", "_sink")
+
+    def __init__(
+        self, engine: AsyncEngine, request_id: str, sink: asyncio.Queue[EngineOutput | BaseException]
+    ) -> None:
+        self._engine = engine
+        self._request_id = request_id
+        self._sink = sink
+        self._finished = False
+
+    def __aiter__(self) -> EngineStream:
+        return self
+
+    async def __anext__(self) -> EngineOutput:
+        if self._finished:
+            raise StopAsyncIteration
+        item = await self._sink.get()
+        if isinstance(item, BaseException):
+            raise item
+        if item.finish_reason is not None:
+            self._finished = True
+        return item
+
+    def close(self) -> None:
+        if not self._finished:
+            self._finished = True
+            self._engine.abort(self._request_id)
+
+    async def aclose(self) -> None:
+        self.close()
 
 
 def _put_all(items: list[tuple[asyncio.Queue, EngineOutput]]) -> None:

@@ -1,7 +1,8 @@
 """Worker: one engine served over the request plane, registered in discovery, drained on stop.
 
     Worker(config, discovery).start()  -> builds EngineCore + AsyncEngine, listens, registers
-    generate call  -> AsyncEngine.generate, outputs streamed back (closing the stream aborts it)
+    generate call  -> AsyncEngine.submit as the frame is read, outputs streamed back (closing the
+                      stream aborts it)
     stats call     -> WorkerStats (engine counters + active requests)
     kv_events call -> this engine's KV events, a batch a step, until cancelled (KV-aware routers)
     kv_dump call   -> every cached block now (a router's bootstrap or resync after a gap)
@@ -18,20 +19,21 @@ import asyncio
 import logging
 import os
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tandem.control.discovery import DEFAULT_TTL, Discovery, Lease
 from tandem.control.rpc_server import RpcServer
-from tandem.engine.async_engine import AsyncEngine
+from tandem.engine.async_engine import AsyncEngine, EngineStream
 from tandem.engine.config import EngineConfig
 from tandem.engine.core import EngineCore
 from tandem.engine.executor import Executor
 from tandem.engines.builtin.dtypes import compute_dtype
 from tandem.engines.factory import build_executor
 from tandem.protocol.errors import InvalidRequestError, ModelNotFoundError, OverloadedError
+from tandem.protocol.messages import EngineOutput, GenerateRequest
 from tandem.protocol.registry import Hardware, Role, WorkerInfo, WorkerLoad, WorkerStats
 from tandem.protocol.rpc import (
     Call,
@@ -224,7 +226,23 @@ class Worker:
             await asyncio.to_thread(self.connector.close)
         log.info("worker %s stopped", self.worker_id)
 
-    async def _handle(self, call: Call) -> AsyncGenerator[Any, None]:
+    def _handle(self, call: Call) -> AsyncIterator[Any]:
+        """A call's results. A generate call reaches the engine before this returns."""
+        if isinstance(call, GenerateCall):
+            return self._generate(call.request)
+        return self._serve(call)
+
+    def _generate(self, req: GenerateRequest) -> AsyncIterator[EngineOutput]:
+        assert self.engine is not None, "start() the worker first"
+        if self.draining:
+            raise OverloadedError(f"worker {self.worker_id} is draining")
+        if req.model != self.config.model_name:
+            raise ModelNotFoundError(
+                f"worker {self.worker_id} serves {self.config.model_name!r}, not {req.model!r}"
+            )
+        return _Active(self, self.engine.submit(req))
+
+    async def _serve(self, call: Call) -> AsyncGenerator[Any, None]:
         if isinstance(call, StatsCall):
             yield self.stats()
             return
@@ -237,25 +255,7 @@ class Worker:
             assert self.engine is not None, "start() the worker first"
             yield KvDumpReply(await self.engine.run_on_engine(lambda core: core.kv_dump()))
             return
-        if not isinstance(call, GenerateCall):
-            raise InvalidRequestError(f"a worker does not serve {type(call).__name__}")
-        assert self.engine is not None, "start() the worker first"
-        req = call.request
-        if self.draining:
-            raise OverloadedError(f"worker {self.worker_id} is draining")
-        if req.model != self.config.model_name:
-            raise ModelNotFoundError(
-                f"worker {self.worker_id} serves {self.config.model_name!r}, not {req.model!r}"
-            )
-        self._active += 1
-        self._idle.clear()
-        try:
-            async for out in self.engine.generate(req):
-                yield out
-        finally:
-            self._active -= 1
-            if self._active == 0:
-                self._idle.set()
+        raise InvalidRequestError(f"a worker does not serve {type(call).__name__}")
 
     async def _publish_load(self) -> None:
         assert self.lease is not None
@@ -286,3 +286,31 @@ def detect_hardware(engine: str, device: str) -> Hardware:
     except (ValueError, OSError, AttributeError):
         memory = 0
     return Hardware(device="cpu", name=os.uname().machine, count=1, memory_bytes=memory)
+
+
+class _Active:
+    """An engine stream that counts as one of its worker's active requests until it is closed
+    (drain waits for none to be left)."""
+
+    __slots__ = ("_open", "_stream", "_worker")
+
+    def __init__(self, worker: Worker, stream: EngineStream) -> None:
+        self._worker = worker
+        self._stream = stream
+        self._open = True
+        worker._active += 1
+        worker._idle.clear()
+
+    def __aiter__(self) -> _Active:
+        return self
+
+    async def __anext__(self) -> EngineOutput:
+        return await self._stream.__anext__()
+
+    async def aclose(self) -> None:
+        if self._open:
+            self._open = False
+            self._stream.close()
+            self._worker._active -= 1
+            if self._worker._active == 0:
+                self._worker._idle.set()

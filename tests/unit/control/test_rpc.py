@@ -15,7 +15,7 @@ from tandem.control.rpc_server import RpcServer
 from tandem.protocol.errors import InvalidRequestError, OverloadedError, WorkerLostError
 from tandem.protocol.messages import EngineOutput, GenerateRequest, SamplingSpec
 from tandem.protocol.registry import WorkerLoad, WorkerStats
-from tandem.protocol.rpc import Call, GenerateCall, Open, StatsCall
+from tandem.protocol.rpc import Call, Cancel, GenerateCall, Open, Ping, StatsCall
 
 
 class FakeWorker:
@@ -176,4 +176,81 @@ async def test_silent_client_is_dropped_and_its_calls_cancelled() -> None:
         await asyncio.sleep(0.01)
     assert w.cancelled == ["orphan"]
     writer.close()
+    await w.server.close()
+
+
+class _Recorded:
+    """A handler's stream that records being closed (a worker's engine stream aborts there)."""
+
+    def __init__(self, closed: list[str], rid: str) -> None:
+        self.closed = closed
+        self.rid = rid
+
+    def __aiter__(self) -> _Recorded:
+        return self
+
+    async def __anext__(self) -> int:
+        await asyncio.sleep(10)
+        return 0
+
+    async def aclose(self) -> None:
+        self.closed.append(self.rid)
+
+
+async def test_a_call_cancelled_before_its_stream_starts_is_still_closed() -> None:
+    # The handler runs as the Open frame is read (a worker hands the request to its engine
+    # there); a Cancel read right behind it must still reach that work.
+    started: list[str] = []
+    closed: list[str] = []
+
+    def handler(call: Call) -> _Recorded:
+        assert isinstance(call, GenerateCall)
+        if call.request.model == "busy":
+            raise OverloadedError("too busy")
+        started.append(call.request.request_id)
+        return _Recorded(closed, call.request.request_id)
+
+    server = RpcServer(handler)
+    await server.start()
+    _, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(encode_frame(Open(1, _req("gone", 5))) + encode_frame(Cancel(1)))
+    await writer.drain()
+    for _ in range(200):
+        if closed:
+            break
+        await asyncio.sleep(0.01)
+    assert started == ["gone"] and closed == ["gone"]
+    assert server.num_streams == 0
+    # A handler that refuses at once: the client gets the error, the connection stays usable.
+    pool = RpcClientPool()
+    with pytest.raises(OverloadedError, match="too busy"):
+        async for _ in await pool.open(server.address, _req("x", 3, model="busy")):
+            pass
+    stream = await pool.open(server.address, _req("kept", 3))
+    await stream.aclose()
+    for _ in range(200):
+        if "kept" in closed:
+            break
+        await asyncio.sleep(0.01)
+    assert closed == ["gone", "kept"]
+    writer.close()
+    await pool.close()
+    await server.close()
+
+
+async def test_a_stream_is_opened_with_one_write_at_once() -> None:
+    w = FakeWorker()
+    await w.server.start()
+    conn = await RpcConnection.connect(w.server.address)
+    out = conn._out
+    before = out.num_writes
+    stream = conn.open(_req("now", 2))
+    assert out.num_writes == before + 1, "the Open frame must leave without waiting for the writer task"
+    # Behind queued frames it queues too, so frames keep their order.
+    conn._out.send(Ping(7))
+    queued = conn.open(_req("after", 2))
+    assert out.num_writes == before + 1
+    assert [o.new_token_ids[0] async for o in stream] == [0, 1]
+    assert [o.new_token_ids[0] async for o in queued] == [0, 1]
+    await conn.close()
     await w.server.close()

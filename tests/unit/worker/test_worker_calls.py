@@ -1,0 +1,75 @@
+"""A worker's generate calls: handed to the engine as the frame is read, refused or cancelled cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from tandem.control.framing import encode_frame, read_frame
+from tandem.control.rpc_client import RpcClientPool
+from tandem.engine.config import EngineConfig
+from tandem.protocol.errors import ModelNotFoundError, OverloadedError
+from tandem.protocol.messages import GenerateRequest, SamplingSpec
+from tandem.protocol.rpc import Cancel, End, GenerateCall, Open, Tokens
+from tandem.worker.worker import Worker, WorkerConfig
+
+
+@pytest.fixture
+async def worker(tmp_path: Path):  # type: ignore[no-untyped-def]
+    d = tmp_path / "simmodel"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"max_position_embeddings": 2048, "vocab_size": 1000}))
+    cfg = WorkerConfig(
+        str(d), engine="sim", worker_id="w0", speedup=1, engine_config=EngineConfig(num_blocks=64)
+    )
+    w = Worker(cfg)
+    await w.start()
+    yield w
+    await w.stop()
+
+
+def _call(rid: str, n: int, model: str = "simmodel") -> GenerateCall:
+    return GenerateCall(GenerateRequest(rid, model, list(range(1, 200)), SamplingSpec(max_tokens=n)))
+
+
+async def _until(cond, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
+    for _ in range(int(timeout / 0.01)):
+        if cond():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not met in time")
+
+
+async def test_a_request_cancelled_in_the_same_read_frees_its_kv(worker: Worker) -> None:
+    # Open and Cancel arrive in one write: the request reaches the engine as the Open frame is
+    # read, and its stream is cancelled before it ever runs; the engine must still drop it.
+    total = worker.stats().num_blocks
+    reader, writer = await asyncio.open_connection("127.0.0.1", worker.server.port)
+    writer.write(encode_frame(Open(1, _call("gone", 1000))) + encode_frame(Cancel(1)))
+    writer.write(encode_frame(Open(2, _call("next", 2))))  # read after the first two frames
+    await writer.drain()
+    while not isinstance(frame := await asyncio.wait_for(read_frame(reader), 5), End):
+        assert isinstance(frame, Tokens) and frame.sid == 2, frame
+    assert frame.sid == 2
+    await _until(lambda: worker.server.num_streams == 0 and worker._active == 0)
+    await _until(lambda: worker.engine is not None and worker.engine.num_active == 0)
+    await _until(lambda: worker.stats().num_free_blocks == total)
+    writer.close()
+
+
+async def test_refusals_arrive_as_errors_and_leave_nothing_active(worker: Worker) -> None:
+    pool = RpcClientPool()
+    with pytest.raises(ModelNotFoundError, match="serves 'simmodel'"):
+        async for _ in await pool.open(worker.address, _call("x", 2, model="other")):
+            pass
+    tokens = [t async for out in await pool.open(worker.address, _call("ok", 3)) for t in out.new_token_ids]
+    assert len(tokens) == 3
+    worker.draining = True
+    with pytest.raises(OverloadedError, match="draining"):
+        async for _ in await pool.open(worker.address, _call("late", 2)):
+            pass
+    assert worker._active == 0
+    await pool.close()
