@@ -6,9 +6,12 @@ bad peer cannot make us allocate unbounded memory; the caller then closes the co
 Writing: `FrameWriter.send` never blocks. Frames queue until the writer task runs; it encodes every
 queued frame into one buffer, writes it once and drains once. While a drain waits on a slow reader,
 token frames for the same stream merge into the one still queued, so a lagging client gets fewer,
-larger chunks instead of an unbounded backlog. `send_now` writes a frame at once when nothing is
-queued: a client opens a stream with it, so a request does not wait for the writer task's turn of the
-event loop (milliseconds on a busy loop, added to its time to first token).
+larger chunks instead of an unbounded backlog.
+
+A client's Open frames queue like the rest, though that costs a request one turn of its event loop on
+the way to the worker (~5 ms p50 at c=64 here): written at once, a burst of requests left in as many
+writes, reached the worker's engine one by one, and took ~7% off req/s under stress (docs/benchmarks.md,
+session 9).
 """
 
 from __future__ import annotations
@@ -91,7 +94,6 @@ class FrameWriter:
         self._open_tokens: dict[int, Tokens] = {}
         self._wake = asyncio.Event()
         self._closed = False
-        self._draining = False
         self.num_writes = 0
         self.num_frames = 0
         self._task = asyncio.create_task(self._run(), name="frame-writer")
@@ -112,15 +114,6 @@ class FrameWriter:
                 self._open_tokens.pop(sid, None)
         self._pending.append(frame)
         self._wake.set()
-
-    def send_now(self, data: bytes) -> None:
-        """Write an encoded frame at once when nothing is queued or waiting to drain, else queue it."""
-        if self._pending or self._draining or self._closed:
-            self.send(data)
-            return
-        self._writer.write(data)
-        self.num_writes += 1
-        self.num_frames += 1
 
     async def close(self) -> None:
         """Flush what is queued (briefly), then close the socket."""
@@ -150,11 +143,7 @@ class FrameWriter:
                     self._writer.write(self._encode(frames))
                     self.num_writes += 1
                     self.num_frames += len(frames)
-                    self._draining = True
-                    try:
-                        await self._writer.drain()
-                    finally:
-                        self._draining = False
+                    await self._writer.drain()
                 if self._closed and not self._pending:
                     return
         except asyncio.CancelledError:

@@ -164,7 +164,7 @@ class RpcConnection:
             raise InvalidRequestError(f"request too large: {e}") from e
         stream = RpcStream(self, sid)
         self._streams[sid] = stream
-        self._out.send_now(data)
+        self._out.send(data)
         return stream
 
     async def close(self) -> None:

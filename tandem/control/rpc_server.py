@@ -1,10 +1,11 @@
 """Request-plane server: serves calls from many multiplexed streams on persistent connections.
 
-A `Handler` turns one `Call` into an async iterator of results, synchronously: whatever it does before
-returning (a worker hands a request to its engine) happens as the frame is read, not one event-loop
-turn later in the stream's task. It raises a `TandemError` to refuse the call. `EngineOutput`s become
-`Tokens` frames (merged when the client lags), other results become `Reply` frames; when the iterator ends the
-stream gets `End`, when it raises a `TandemError` the stream gets `Fail` with the error's code.
+A `Handler` turns one `Call` into an async iterator of results, synchronously: whatever it does
+before returning (a worker hands a request to its engine) happens as the frame is read, not one
+event-loop turn later in the stream's task. It raises a `TandemError` to refuse the call.
+`EngineOutput`s become `Tokens` frames (merged when the client lags), other results become `Reply`
+frames; when the iterator ends the stream gets `End`, when it raises a `TandemError` the stream gets
+`Fail` with the error's code.
 A `Cancel` frame, or the connection closing, cancels the stream's task: the handler's `finally`
 blocks run (a worker's handler aborts the engine request there, which frees its KV).
 """
@@ -95,12 +96,13 @@ class _ServerConnection:
         self.tasks: dict[int, asyncio.Task[None]] = {}
         self._last_rx = 0.0
         self._silent = False
+        self._watchdog: asyncio.TimerHandle | None = None
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
         self._last_rx = loop.time()
-        me = asyncio.current_task()
-        watchdog = loop.call_later(self.server.client_timeout, self._watch, loop, me)
+        serving = asyncio.current_task()
+        self._watchdog = loop.call_later(self.server.client_timeout, self._watch, loop, serving)
         try:
             while True:
                 # No timeout around each read (asyncio.wait_for would start a task per frame): the
@@ -130,7 +132,8 @@ class _ServerConnection:
                     self.server.client_timeout,
                 )
         finally:
-            watchdog.cancel()
+            if self._watchdog is not None:
+                self._watchdog.cancel()
             await self.close()
 
     def _watch(self, loop: asyncio.AbstractEventLoop, serving: asyncio.Task[Any] | None) -> None:
@@ -140,13 +143,12 @@ class _ServerConnection:
             self._silent = True
             serving.cancel()
             return
-        loop.call_later(self.server.client_timeout - idle, self._watch, loop, serving)
+        self._watchdog = loop.call_later(self.server.client_timeout - idle, self._watch, loop, serving)
 
     def _open(self, frame: Open) -> None:
         if frame.sid in self.tasks:
             self.out.send(Fail(frame.sid, "invalid_request_error", "stream id already in use"))
             return
-
         try:
             items = self.server.handler(frame.call)
         except TandemError as e:

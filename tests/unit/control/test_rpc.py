@@ -15,7 +15,7 @@ from tandem.control.rpc_server import RpcServer
 from tandem.protocol.errors import InvalidRequestError, OverloadedError, WorkerLostError
 from tandem.protocol.messages import EngineOutput, GenerateRequest, SamplingSpec
 from tandem.protocol.registry import WorkerLoad, WorkerStats
-from tandem.protocol.rpc import Call, Cancel, GenerateCall, Open, Ping, StatsCall
+from tandem.protocol.rpc import Call, Cancel, GenerateCall, Open, StatsCall
 
 
 class FakeWorker:
@@ -236,21 +236,3 @@ async def test_a_call_cancelled_before_its_stream_starts_is_still_closed() -> No
     writer.close()
     await pool.close()
     await server.close()
-
-
-async def test_a_stream_is_opened_with_one_write_at_once() -> None:
-    w = FakeWorker()
-    await w.server.start()
-    conn = await RpcConnection.connect(w.server.address)
-    out = conn._out
-    before = out.num_writes
-    stream = conn.open(_req("now", 2))
-    assert out.num_writes == before + 1, "the Open frame must leave without waiting for the writer task"
-    # Behind queued frames it queues too, so frames keep their order.
-    conn._out.send(Ping(7))
-    queued = conn.open(_req("after", 2))
-    assert out.num_writes == before + 1
-    assert [o.new_token_ids[0] async for o in stream] == [0, 1]
-    assert [o.new_token_ids[0] async for o in queued] == [0, 1]
-    await conn.close()
-    await w.server.close()
