@@ -4,8 +4,11 @@ prefill-step counters before and after.
 
     .venv/bin/python benchmarks/prefill_regime.py [--runs N] [--concurrency C] [extra `tandem serve` flags...]
 
-Prints the client's req/s, TTFT and ITL, and per worker: steps, the share that carried a prefill, and
-the mean prefill batch (prompts per prefill step). See docs/benchmarks.md, "two regimes".
+Prints the client's req/s, TTFT and ITL; the engines' own share of them (means over the run: queue
+time, prefill time, inter-token time, from the workers' `RequestPhases` counters) and what the
+serving path added on top (client mean minus engine mean); and per worker: steps, the share that
+carried a prefill, and the mean prefill batch (prompts per prefill step). See docs/benchmarks.md,
+"two regimes".
 Needs the Dynamo venv's Python for the referee (as serving_vs_dynamo.py) and the tok8k tokenizer
 folder that serving_vs_dynamo.py makes.
 """
@@ -79,6 +82,20 @@ def run_once(extra: list[str], concurrency: int = 64, port: int = 8791) -> None:
         f"req/s {r['req_per_s']:.1f}  TTFT p50/p99 {ttft['p50']:.1f}/{ttft['p99']:.1f} ms  "
         f"ITL p50/p99 {itl['p50']:.2f}/{itl['p99']:.2f} ms"
     )
+
+    def delta(field: str) -> float:
+        return sum(getattr(a, field) - getattr(b, field) for b, a in zip(before, after, strict=True))
+
+    queue, queued = delta("queue_seconds_total"), delta("queued_requests_total")
+    prefill, firsts = delta("prefill_seconds_total"), delta("first_tokens_total")
+    decode, tokens = delta("decode_seconds_total"), delta("decode_tokens_total")
+    if queued and firsts and tokens:
+        e_queue, e_prefill, e_itl = 1000 * queue / queued, 1000 * prefill / firsts, 1000 * decode / tokens
+        print(
+            f"  engines (means): queue {e_queue:.2f} ms + prefill {e_prefill:.2f} ms = TTFT "
+            f"{e_queue + e_prefill:.2f} ms, ITL {e_itl:.3f} ms; added by the serving path: "
+            f"TTFT {ttft['mean'] - e_queue - e_prefill:+.2f} ms, ITL {itl['mean'] - e_itl:+.3f} ms"
+        )
     for b, a in zip(before, after, strict=True):
         steps = a.num_steps - b.num_steps
         busy = ""

@@ -50,6 +50,9 @@ class _Add:
     req: GenerateRequest
     sink: asyncio.Queue[EngineOutput | BaseException]
     loop: asyncio.AbstractEventLoop
+    arrival: float
+    """When it was handed over (`EngineCore.clock`): the engine thread takes it in between steps,
+    and the wait for the step under way is the engine's queue time too."""
 
 
 @dataclass
@@ -90,7 +93,7 @@ class AsyncEngine:
         if self._stopped:
             raise TandemError("the engine is stopped")
         sink: asyncio.Queue[EngineOutput | BaseException] = asyncio.Queue()
-        self._inbox.put(_Add(req, sink, asyncio.get_running_loop()))
+        self._inbox.put(_Add(req, sink, asyncio.get_running_loop(), self.core.clock()))
         return EngineStream(self, req.request_id, sink)
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[EngineOutput]:
@@ -168,6 +171,7 @@ class AsyncEngine:
                 request_id=req.request_id,
                 kv_transfer_params=req.kv_transfer_params,
                 output_token_ids=req.output_token_ids,
+                arrival_time=msg.arrival,
             )
         except TandemError as e:
             msg.loop.call_soon_threadsafe(msg.sink.put_nowait, e)

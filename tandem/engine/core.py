@@ -44,6 +44,15 @@ class EngineStats:
     """Steps that computed prompt tokens (whole prompts or chunks of them)."""
     prefill_requests_total: int = 0
     """Prompt pieces computed, summed over steps: / prefill_steps = the mean prefill batch."""
+    queue_seconds_total: float = 0.0
+    """Requests' time from reaching the engine to their first step, summed (`RequestPhases`)."""
+    queued_requests_total: int = 0
+    prefill_seconds_total: float = 0.0
+    """From a request's first step to its first token here, summed over `first_tokens_total`."""
+    first_tokens_total: int = 0
+    decode_seconds_total: float = 0.0
+    """Gaps between a request's later tokens, summed over `decode_tokens_total` (engine-side ITL)."""
+    decode_tokens_total: int = 0
 
 
 class EngineCore:
@@ -59,6 +68,8 @@ class EngineCore:
         self.executor = executor
         self.max_model_len = min(config.max_model_len or executor.max_model_len, executor.max_model_len)
         self.kv = KVCacheManager(executor.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.clock = _clock_of(executor)
+        """The engine's time (the simulator's may be virtual); request times are on it."""
         self.connector_worker = connector[1] if connector else None
         self.scheduler = Scheduler(
             config,
@@ -66,7 +77,7 @@ class EngineCore:
             self.max_model_len,
             executor.eos_token_ids,
             connector[0] if connector else None,
-            clock=_clock_of(executor),
+            clock=self.clock,
         )
         self.event_sink = event_sink
         self.num_steps = 0
@@ -83,12 +94,14 @@ class EngineCore:
         request_id: str | None = None,
         kv_transfer_params: dict[str, Any] | None = None,
         output_token_ids: list[int] | None = None,
+        arrival_time: float | None = None,
     ) -> Request:
         """Queue a request. Raises InvalidRequestError if it can never run here.
 
         `output_token_ids` are tokens already generated elsewhere (a prefill worker's first token,
         or a migrated request's tokens so far): the engine continues after them and does not emit
-        them again; they count towards `max_tokens`.
+        them again; they count towards `max_tokens`. `arrival_time`: when it reached this engine on
+        `clock` (default: now), for the queue time in `EngineStats`.
         """
         if not prompt_token_ids:
             raise InvalidRequestError("the prompt is empty: at least one token is needed")
@@ -112,6 +125,7 @@ class EngineCore:
             sampling=sampling,
             block_size=self.config.block_size,
             kv_transfer_params=kv_transfer_params,
+            arrival_time=self.clock() if arrival_time is None else arrival_time,
         )
         for token in output_token_ids or ():
             req.append_output(token, None)
@@ -164,6 +178,7 @@ class EngineCore:
 
     def stats(self) -> EngineStats:
         s = self.scheduler
+        p = s.phases
         return EngineStats(
             num_running=len(s.running),
             num_waiting=len(s.waiting) + len(s.waiting_for_kv),
@@ -178,6 +193,12 @@ class EngineCore:
             busy_seconds_total=self.busy_seconds_total,
             prefill_steps=s.prefill_steps,
             prefill_requests_total=s.prefill_requests_total,
+            queue_seconds_total=p.queue_seconds,
+            queued_requests_total=p.queued_requests,
+            prefill_seconds_total=p.prefill_seconds,
+            first_tokens_total=p.first_tokens,
+            decode_seconds_total=p.decode_seconds,
+            decode_tokens_total=p.decode_tokens,
         )
 
 

@@ -15,6 +15,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from tandem.engine.config import EngineConfig
 from tandem.engine.connector import ExternalMatch, KVConnectorScheduler
@@ -24,6 +25,42 @@ from tandem.kvcache.manager import NO_HIT, KVCacheManager
 from tandem.protocol.messages import EngineOutput
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class RequestPhases:
+    """Where requests spent their time in this engine, as sums and counts (vLLM reports the same
+    phases as histograms): a client's latency minus these is what the serving path added.
+
+    - queue: from reaching the engine (`Request.arrival_time`, stamped when the worker hands it
+      over, so waiting for the step under way counts) to the first step that computes it;
+    - prefill: from that step being scheduled to the first token this engine emits for it (chunks and any
+      KV loaded from a peer included; preemptions after the first token are decode time);
+    - decode: the gaps between its later tokens (a mean inter-token latency, engine side).
+    """
+
+    queue_seconds: float = 0.0
+    queued_requests: int = 0
+    prefill_seconds: float = 0.0
+    first_tokens: int = 0
+    decode_seconds: float = 0.0
+    decode_tokens: int = 0
+
+    def queued(self, seconds: float) -> None:
+        self.queue_seconds += seconds
+        self.queued_requests += 1
+
+    def emitted(self, req: Request, now: float) -> None:
+        """`req` got a token at `now` (the end of the step that sampled it)."""
+        last = req.last_token_time
+        if last is None:
+            assert req.first_scheduled_time is not None
+            self.prefill_seconds += now - req.first_scheduled_time
+            self.first_tokens += 1
+        else:
+            self.decode_seconds += now - last
+            self.decode_tokens += 1
+        req.last_token_time = now
 
 
 class Scheduler:
@@ -59,6 +96,7 @@ class Scheduler:
         """Steps that computed prompt tokens (whole prompts or chunks of them)."""
         self.prefill_requests_total = 0
         """Prompt pieces scheduled, summed over steps (/ prefill_steps: the mean prefill batch)."""
+        self.phases = RequestPhases()
         self._clock = clock
         self._arrivals: dict[str, float] = {}
         """When each waiting request reached this scheduler (for the delay factor)."""
@@ -183,6 +221,9 @@ class Scheduler:
                 break
             self.waiting.popleft()
             self._arrivals.pop(req.request_id, None)
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = self._clock()
+                self.phases.queued(req.first_scheduled_time - req.arrival_time)
             if req.num_cached_tokens < 0:
                 req.num_cached_tokens = hit.num_tokens + ext.num_tokens
                 self.prompt_tokens_total += req.num_prompt_tokens
@@ -224,6 +265,7 @@ class Scheduler:
     def update(self, sched: SchedulerOutput, result: ExecutorOutput) -> list[EngineOutput]:
         """Apply a step's results: advance counts, append sampled tokens, stop and free requests."""
         outputs, self._aborted_outputs = self._aborted_outputs, []
+        now = self._clock() if sched.scheduled else 0.0
         for item in sched.scheduled:
             req = item.request
             if req.status != RequestStatus.RUNNING:
@@ -236,6 +278,7 @@ class Scheduler:
                 continue
             token, logprob = sampled
             req.append_output(token, logprob)
+            self.phases.emitted(req, now)
             stopped = self._check_stop(req, token)
             out = self._output(req, [token], logprob)
             if stopped:

@@ -83,3 +83,13 @@ class WorkerStats(msgspec.Struct, frozen=True, tag="stats", array_like=True):
     """Engine steps that computed prompt tokens; `num_steps - prefill_steps` were decode-only."""
     prefill_requests_total: int = 0
     """Prompt pieces computed over those steps (their mean prefill batch = this / prefill_steps)."""
+    queue_seconds_total: float = 0.0
+    """Requests' time from reaching the engine to their first step, summed over
+    `queued_requests_total` (see `tandem.engine.scheduler.RequestPhases`)."""
+    queued_requests_total: int = 0
+    prefill_seconds_total: float = 0.0
+    """From a request's first step to its first token here, summed over `first_tokens_total`."""
+    first_tokens_total: int = 0
+    decode_seconds_total: float = 0.0
+    """Gaps between a request's later tokens, summed over `decode_tokens_total` (engine-side ITL)."""
+    decode_tokens_total: int = 0

@@ -197,6 +197,12 @@ class Worker:
             kv_load_bytes_total=c.load_bytes_total if c else 0,
             prefill_steps=s.prefill_steps,
             prefill_requests_total=s.prefill_requests_total,
+            queue_seconds_total=s.queue_seconds_total,
+            queued_requests_total=s.queued_requests_total,
+            prefill_seconds_total=s.prefill_seconds_total,
+            first_tokens_total=s.first_tokens_total,
+            decode_seconds_total=s.decode_seconds_total,
+            decode_tokens_total=s.decode_tokens_total,
         )
 
     async def drain(self, timeout: float | None = None) -> bool:

@@ -100,8 +100,14 @@ async def _until(cond, timeout: float, what: str) -> float:  # type: ignore[no-u
 async def test_stream_from_two_workers_and_cancel_frees_kv(deployment: Deployment) -> None:
     results = await asyncio.gather(*[_run(deployment.backend, _req(f"r{i}", 16)) for i in range(8)])
     assert all(len(r) == 16 for r in results)
-    for wid in ("w-0", "w-1"):
-        assert (await deployment.stats(wid)).prompt_tokens_total > 0, f"{wid} got no request"
+    stats = [await deployment.stats(wid) for wid in ("w-0", "w-1")]
+    for s in stats:
+        assert s.prompt_tokens_total > 0, f"{s.worker_id} got no request"
+    # Where the engines' time went, per request (what a client's latency is compared with).
+    assert sum(s.queued_requests_total for s in stats) == 8
+    assert sum(s.first_tokens_total for s in stats) == 8
+    assert sum(s.decode_tokens_total for s in stats) == 8 * 15
+    assert all(s.prefill_seconds_total > 0 and s.decode_seconds_total > 0 for s in stats)
 
     gen = deployment.backend.generate(_req("long", 100_000))
     await gen.__anext__()

@@ -286,3 +286,44 @@ def test_stats_count_prefill_steps_and_their_batch():
     # a: 50 tokens in 16-token chunks (4 prefill steps), then b and c start in one step.
     assert (s.prefill_steps, s.prefill_requests_total) == (5, 6)
     assert s.num_steps == 5 + 1 + 2, "one decode step for a, two for b and c"
+
+
+class _TimedExecutor(FakeExecutor):
+    """Each step takes `step_s` on `clock`, as a real or simulated device's would."""
+
+    def __init__(self, num_blocks: int, step_s: float) -> None:
+        super().__init__(num_blocks)
+        self.clock = _Clock()
+        self.step_s = step_s
+
+    def execute(self, out):  # type: ignore[no-untyped-def]
+        self.clock.t += self.step_s
+        return super().execute(out)
+
+
+def test_stats_split_each_request_into_queue_prefill_and_decode_time():
+    ex = _TimedExecutor(64, step_s=2.0)
+    core = EngineCore(EngineConfig(block_size=4), ex)
+    core.add_request([1, 2, 3], SamplingParams(max_tokens=4, temperature=0), request_id="a")  # at t=0
+    ex.clock.t = 1.0  # the engine takes it 1 s later
+    # b was handed over 0.5 s before the engine took it in (the worker stamps it, as AsyncEngine does)
+    core.add_request([4, 5], SamplingParams(max_tokens=2, temperature=0), request_id="b", arrival_time=0.5)
+    assert set(run(core)) == {"a", "b"}
+    s = core.stats()
+    # Both start at t=1 (queues 1 s and 0.5 s), get their first token at t=3 (prefill 2 s each),
+    # then one token per 2 s step: a 3 more, b 1 more.
+    assert (s.queued_requests_total, s.queue_seconds_total) == (2, pytest.approx(1.5))
+    assert (s.first_tokens_total, s.prefill_seconds_total) == (2, pytest.approx(4.0))
+    assert (s.decode_tokens_total, s.decode_seconds_total) == (4, pytest.approx(8.0))
+
+
+def test_a_preempted_request_is_queued_once_and_its_recompute_is_decode_time():
+    ex = _TimedExecutor(4, step_s=1.0)  # 4 blocks of 4 tokens: two requests cannot both grow
+    core = EngineCore(EngineConfig(block_size=4), ex)
+    for rid in ("a", "b"):
+        core.add_request(list(range(1, 7)), SamplingParams(max_tokens=6, temperature=0), request_id=rid)
+    assert set(run(core)) == {"a", "b"}
+    s = core.stats()
+    assert core.scheduler.num_preemptions > 0, "the scenario must preempt"
+    assert s.queued_requests_total == 2 and s.first_tokens_total == 2
+    assert s.decode_tokens_total == 2 * 5, "every later token counted once, recomputes included"
