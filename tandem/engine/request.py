@@ -111,7 +111,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | None = None
     first_scheduled_time: float | None = None
-    """When a step first computed it (the engine's clock; `arrival_time` is on the same clock)."""
+    """When it was first scheduled (the engine's clock; `arrival_time` is on the same clock)."""
     last_token_time: float | None = None
     """When this engine last emitted a token for it (None before its first)."""
 
