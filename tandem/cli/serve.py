@@ -258,14 +258,19 @@ def _uvicorn_config(backend: Any, spec: DeploymentSpec) -> Any:
     import uvicorn
 
     from tandem.frontend.app import create_app
+    from tandem.router.worker_metrics import WorkerMetrics
 
     app = create_app(backend)
+    metrics = app.state.frontend.metrics
     collector = getattr(backend.policy, "collector", None)
     if collector is not None:  # the KV router's hit rate, decision time, load and decisions
-        app.state.frontend.metrics.registry.register(collector())
-    app.state.frontend.metrics.registry.register(backend.disagg_metrics)  # prefill and hand-off times
+        metrics.registry.register(collector())
+    metrics.registry.register(backend.disagg_metrics)  # prefill and hand-off times
     if backend.admission is not None:  # requests waiting for a worker under its busy limit
-        app.state.frontend.metrics.registry.register(backend.admission.collector())
+        metrics.registry.register(backend.admission.collector())
+    workers = WorkerMetrics(backend.pool, backend.workers)  # each engine's phases, KV, cache hits
+    metrics.registry.register(workers)
+    metrics.refreshers.append(workers.refresh)
     return uvicorn.Config(
         app, http="httptools", loop="none", access_log=False, log_level="warning", lifespan="on"
     )

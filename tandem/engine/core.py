@@ -53,6 +53,10 @@ class EngineStats:
     decode_seconds_total: float = 0.0
     """Gaps between a request's later tokens, summed over `decode_tokens_total` (engine-side ITL)."""
     decode_tokens_total: int = 0
+    queue_buckets: tuple[int, ...] = ()
+    """Histograms of the same three phases: counts per bucket (`tandem.engine.phases`)."""
+    prefill_buckets: tuple[int, ...] = ()
+    decode_buckets: tuple[int, ...] = ()
 
 
 class EngineCore:
@@ -193,12 +197,15 @@ class EngineCore:
             busy_seconds_total=self.busy_seconds_total,
             prefill_steps=s.prefill_steps,
             prefill_requests_total=s.prefill_requests_total,
-            queue_seconds_total=p.queue_seconds,
-            queued_requests_total=p.queued_requests,
-            prefill_seconds_total=p.prefill_seconds,
-            first_tokens_total=p.first_tokens,
-            decode_seconds_total=p.decode_seconds,
-            decode_tokens_total=p.decode_tokens,
+            queue_seconds_total=p.queue.sum,
+            queued_requests_total=p.queue.count,
+            prefill_seconds_total=p.prefill.sum,
+            first_tokens_total=p.prefill.count,
+            decode_seconds_total=p.decode.sum,
+            decode_tokens_total=p.decode.count,
+            queue_buckets=tuple(p.queue.counts),
+            prefill_buckets=tuple(p.prefill.counts),
+            decode_buckets=tuple(p.decode.counts),
         )
 
 

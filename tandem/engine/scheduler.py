@@ -15,52 +15,16 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from tandem.engine.config import EngineConfig
 from tandem.engine.connector import ExternalMatch, KVConnectorScheduler
 from tandem.engine.executor import ExecutorOutput, ScheduledRequest, SchedulerOutput
+from tandem.engine.phases import RequestPhases
 from tandem.engine.request import Request, RequestStatus
 from tandem.kvcache.manager import NO_HIT, KVCacheManager
 from tandem.protocol.messages import EngineOutput
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class RequestPhases:
-    """Where requests spent their time in this engine, as sums and counts (vLLM reports the same
-    phases as histograms): a client's latency minus these is what the serving path added.
-
-    - queue: from reaching the engine (`Request.arrival_time`, stamped when the worker hands it
-      over, so waiting for the step under way counts) to the first step that computes it;
-    - prefill: from that step being scheduled to the first token this engine emits for it (chunks and any
-      KV loaded from a peer included; preemptions after the first token are decode time);
-    - decode: the gaps between its later tokens (a mean inter-token latency, engine side).
-    """
-
-    queue_seconds: float = 0.0
-    queued_requests: int = 0
-    prefill_seconds: float = 0.0
-    first_tokens: int = 0
-    decode_seconds: float = 0.0
-    decode_tokens: int = 0
-
-    def queued(self, seconds: float) -> None:
-        self.queue_seconds += seconds
-        self.queued_requests += 1
-
-    def emitted(self, req: Request, now: float) -> None:
-        """`req` got a token at `now` (the end of the step that sampled it)."""
-        last = req.last_token_time
-        if last is None:
-            assert req.first_scheduled_time is not None
-            self.prefill_seconds += now - req.first_scheduled_time
-            self.first_tokens += 1
-        else:
-            self.decode_seconds += now - last
-            self.decode_tokens += 1
-        req.last_token_time = now
 
 
 class Scheduler:

@@ -255,7 +255,7 @@ def create_app(backend: Backend, *, served_model_name: str | None = None, title:
 
     @app.get("/metrics", summary="Prometheus metrics")
     async def metrics() -> Response:
-        return Response(fe.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        return Response(await fe.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     default_openapi = app.openapi
 

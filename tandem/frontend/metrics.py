@@ -12,17 +12,18 @@ import asyncio
 import bisect
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from tandem.protocol.registry import GAP_BUCKETS
+
 log = logging.getLogger(__name__)
 
 PREFIX = "tandem_frontend"
 TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
-ITL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5)
 E2E_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 LAG_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.02, 0.05, 0.1, 0.25, 1)
 LAG_SAMPLE_S = 0.01
@@ -80,7 +81,7 @@ class FrontendMetrics:
         self.ttft = FastHistogram(
             f"{PREFIX}_time_to_first_token_seconds", "Time to first token", TTFT_BUCKETS
         )
-        self.itl = FastHistogram(f"{PREFIX}_inter_token_latency_seconds", "Inter-token latency", ITL_BUCKETS)
+        self.itl = FastHistogram(f"{PREFIX}_inter_token_latency_seconds", "Inter-token latency", GAP_BUCKETS)
         self.e2e = FastHistogram(f"{PREFIX}_request_duration_seconds", "End-to-end request time", E2E_BUCKETS)
         self.loop_lag = FastHistogram(
             f"{PREFIX}_event_loop_lag_seconds",
@@ -90,6 +91,8 @@ class FrontendMetrics:
         for h in (self.ttft, self.itl, self.e2e, self.loop_lag):
             r.register(h)
         self._status_children: dict[tuple[str, int], Counter] = {}
+        self.refreshers: list[Callable[[], Awaitable[None]]] = []
+        """Awaited before each render: collectors whose numbers live elsewhere (the workers')."""
 
     def count_request(self, endpoint: str, status: int) -> None:
         child = self._status_children.get((endpoint, status))
@@ -111,7 +114,9 @@ class FrontendMetrics:
         self.inflight.dec()
         self.active -= 1
 
-    def render(self) -> bytes:
+    async def render(self) -> bytes:
+        if self.refreshers:
+            await asyncio.gather(*(refresh() for refresh in self.refreshers))
         return generate_latest(self.registry)
 
     async def watch_loop_lag(self, interval: float = LAG_SAMPLE_S) -> None:

@@ -14,6 +14,10 @@ import msgspec
 from tandem.protocol.kv_layout import KvLayout
 
 Role = Literal["agg", "prefill", "decode"]
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+"""Upper bounds (s) of the engines' queue and prefill histograms (`WorkerStats.queue_buckets`)."""
+GAP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5)
+"""Upper bounds (s) of inter-token-gap histograms (the engines' `decode_buckets`, the frontend's ITL)."""
 Status = Literal["ready", "draining"]
 
 
@@ -85,7 +89,7 @@ class WorkerStats(msgspec.Struct, frozen=True, tag="stats", array_like=True):
     """Prompt pieces computed over those steps (their mean prefill batch = this / prefill_steps)."""
     queue_seconds_total: float = 0.0
     """Requests' time from reaching the engine to their first step, summed over
-    `queued_requests_total` (see `tandem.engine.scheduler.RequestPhases`)."""
+    `queued_requests_total` (see `tandem.engine.phases`)."""
     queued_requests_total: int = 0
     prefill_seconds_total: float = 0.0
     """From a request's first step to its first token here, summed over `first_tokens_total`."""
@@ -93,3 +97,10 @@ class WorkerStats(msgspec.Struct, frozen=True, tag="stats", array_like=True):
     decode_seconds_total: float = 0.0
     """Gaps between a request's later tokens, summed over `decode_tokens_total` (engine-side ITL)."""
     decode_tokens_total: int = 0
+    queue_buckets: tuple[int, ...] = ()
+    """The queue times' histogram: counts per bucket of `LATENCY_BUCKETS` (not cumulative), then
+    the count past the last bound; () from a worker that does not keep it."""
+    prefill_buckets: tuple[int, ...] = ()
+    """The prefill times' histogram, buckets as `queue_buckets`."""
+    decode_buckets: tuple[int, ...] = ()
+    """The decode gaps' histogram, over `GAP_BUCKETS`."""

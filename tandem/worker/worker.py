@@ -203,6 +203,9 @@ class Worker:
             first_tokens_total=s.first_tokens_total,
             decode_seconds_total=s.decode_seconds_total,
             decode_tokens_total=s.decode_tokens_total,
+            queue_buckets=s.queue_buckets,
+            prefill_buckets=s.prefill_buckets,
+            decode_buckets=s.decode_buckets,
         )
 
     async def drain(self, timeout: float | None = None) -> bool:

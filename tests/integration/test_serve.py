@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tandem.models.tiny import write_tiny_model
 from tests.integration.servers import free_port
@@ -45,6 +46,7 @@ def test_serve_streams_and_drains_on_sigterm(tiny_model: Path, tmp_path: Path) -
         body = {"model": "tiny", "prompt": "hello", "max_tokens": 5}
         r = httpx.post(f"{base}/v1/completions", json=body, timeout=30)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
+        _check_worker_metrics(httpx.get(f"{base}/metrics").text, r.json()["usage"]["prompt_tokens"])
 
         # SIGTERM while a long stream is in flight: it must finish, then everything exits.
         long_body = {"model": "tiny", "prompt": "hi", "max_tokens": 200, "stream": True}
@@ -69,6 +71,25 @@ def test_serve_streams_and_drains_on_sigterm(tiny_model: Path, tmp_path: Path) -
     while any(_alive(p) for p in workers) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(_alive(p) for p in workers), "orphaned worker processes"
+
+
+def _check_worker_metrics(body: str, prompt_tokens: int) -> None:
+    """The frontend's /metrics carries each worker's engine series, read from the worker processes:
+    one request seen by the engines (queued once, one first token, 4 gaps for 5 tokens)."""
+    totals: dict[str, float] = {}
+    up = []
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            if sample.name.startswith("tandem_worker_"):
+                totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+                if sample.name == "tandem_worker_up":
+                    up.append((sample.labels["worker"], sample.labels["role"], sample.value))
+    assert sorted(up) == [("worker-0", "agg", 1.0), ("worker-1", "agg", 1.0)]
+    assert totals["tandem_worker_request_queue_seconds_count"] == 1
+    assert totals["tandem_worker_request_prefill_seconds_count"] == 1
+    assert totals["tandem_worker_inter_token_latency_seconds_count"] == 4
+    assert totals["tandem_worker_prompt_tokens_total"] == prompt_tokens
+    assert totals["tandem_worker_active_requests"] == 0
 
 
 def _alive(pid: int) -> bool:

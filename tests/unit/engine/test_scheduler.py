@@ -8,6 +8,7 @@ from tandem.engine.core import EngineCore
 from tandem.engine.request import Request, SamplingParams
 from tandem.protocol.errors import InvalidRequestError
 from tandem.protocol.kv_events import BlockRemoved, BlockStored
+from tandem.protocol.registry import GAP_BUCKETS, LATENCY_BUCKETS
 from tests.unit.engine.fakes import FakeExecutor
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0)
@@ -315,6 +316,15 @@ def test_stats_split_each_request_into_queue_prefill_and_decode_time():
     assert (s.queued_requests_total, s.queue_seconds_total) == (2, pytest.approx(1.5))
     assert (s.first_tokens_total, s.prefill_seconds_total) == (2, pytest.approx(4.0))
     assert (s.decode_tokens_total, s.decode_seconds_total) == (4, pytest.approx(8.0))
+    # The same as histograms, over the protocol's buckets (a bucket counts values <= its bound).
+    assert _nonzero(s.queue_buckets, LATENCY_BUCKETS) == {0.5: 1, 1.0: 1}
+    assert _nonzero(s.prefill_buckets, LATENCY_BUCKETS) == {2.5: 2}
+    assert _nonzero(s.decode_buckets, GAP_BUCKETS) == {2.5: 4}
+
+
+def _nonzero(counts: tuple[int, ...], bounds: tuple[float, ...]) -> dict[float, int]:
+    assert len(counts) == len(bounds) + 1
+    return {b: c for b, c in zip((*bounds, float("inf")), counts, strict=True) if c}
 
 
 def test_a_preempted_request_is_queued_once_and_its_recompute_is_decode_time():

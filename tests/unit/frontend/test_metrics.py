@@ -21,7 +21,7 @@ def test_fast_histogram_exposes_cumulative_buckets() -> None:
     m.itl.observe(0.0007)
     m.itl.observe(0.003, n=3)
     m.itl.observe(100.0)
-    s = _samples(m.render())
+    s = _samples(asyncio.run(m.render()))
     name = "tandem_frontend_inter_token_latency_seconds"
     assert s[(f"{name}_bucket", (("le", "0.001"),))] == 1
     assert s[(f"{name}_bucket", (("le", "0.005"),))] == 4
@@ -34,7 +34,7 @@ def test_apps_have_separate_registries() -> None:
     a, b = FrontendMetrics(), FrontendMetrics()
     a.count_request("chat", 200)
     a.count_tokens(10, 5, 4)
-    sa, sb = _samples(a.render()), _samples(b.render())
+    sa, sb = _samples(asyncio.run(a.render())), _samples(asyncio.run(b.render()))
     key = ("tandem_frontend_requests_total", (("endpoint", "chat"), ("status", "200")))
     assert sa[key] == 1 and key not in sb
     assert sa[("tandem_frontend_cached_tokens_total", ())] == 4
@@ -53,7 +53,7 @@ async def test_a_blocked_event_loop_shows_as_lag() -> None:
     time.sleep(0.06)  # what a long tokenization or a full GC does to every stream
     await asyncio.sleep(0.02)
     watch.cancel()
-    s = _samples(m.render())
+    s = _samples(await m.render())
     name = "tandem_frontend_event_loop_lag_seconds"
     total = s[(f"{name}_count", ())]
     assert total >= 5
