@@ -22,9 +22,10 @@ import asyncio
 import json
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -244,8 +245,15 @@ async def _open_loop(
     return list(await asyncio.gather(*tasks))
 
 
-async def run_load(config: LoadConfig, jobs: Sequence[Job]) -> list[RequestRecord]:
-    """Run the warmup jobs, then the rest (closed or open loop); the records of the measured jobs."""
+async def run_load(
+    config: LoadConfig,
+    jobs: Sequence[Job],
+    around: Callable[[Any], Awaitable[None]] | None = None,
+) -> list[RequestRecord]:
+    """Run the warmup jobs, then the rest (closed or open loop); the records of the measured jobs.
+
+    `around(session)`, if given, is awaited just before the measured jobs start and just after they
+    all ended (`tandem bench` reads the server's engine counters there)."""
     import aiohttp
 
     warm = [_Request(config, j) for j in jobs[: config.warmup]]
@@ -261,6 +269,12 @@ async def run_load(config: LoadConfig, jobs: Sequence[Job]) -> list[RequestRecor
     async with aiohttp.ClientSession(connector=connector) as session:
         if warm:
             await _closed_loop(session, config, warm, config.concurrency or 1)
+        if around is not None:
+            await around(session)
         if config.concurrency is not None:
-            return await _closed_loop(session, config, measured, config.concurrency)
-        return await _open_loop(session, config, measured, arrivals)
+            records = await _closed_loop(session, config, measured, config.concurrency)
+        else:
+            records = await _open_loop(session, config, measured, arrivals)
+        if around is not None:
+            await around(session)
+        return records

@@ -6,6 +6,8 @@
     tandem bench --model tiny --chat --tokenizer DIR ...                       # chat text prompts
 
 Prints a table; `--out FILE` also writes the JSON report (with the run's settings under "config").
+Against a Tandem frontend it also prints the engines' means over the run (queue, prefill, ITL, from
+the server's /metrics) and what the serving path added on top (`tandem.bench.engine_share`).
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ def _jobs(args: argparse.Namespace) -> list[Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tandem.bench.engine_share import EngineTotals, engine_share, format_share, scrape
     from tandem.bench.loadgen import LoadConfig, run_load
     from tandem.bench.report import Slo, format_table, summarize
     from tandem.cli.worker import run_event_loop
@@ -110,12 +113,20 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
     async def main() -> int:
-        records = await run_load(config, jobs)
+        scrapes: list[EngineTotals | None] = []
+
+        async def engines(session: Any) -> None:  # a Tandem server's engine phases, before and after
+            scrapes.append(await scrape(session, args.url))
+
+        records = await run_load(config, jobs, engines)
         report = summarize(records, slo)
+        report["engine"] = engine_share(scrapes[0], scrapes[1], report) if len(scrapes) == 2 else None
         mode = f"closed loop c={concurrency}" if concurrency else "open loop"
         if args.rate is not None:
             mode += f" at {args.rate} req/s"
         print(format_table(report, f"tandem bench: {args.url} model {args.model}, {mode}"), flush=True)
+        if report["engine"] is not None:
+            print(format_share(report["engine"]), flush=True)
         if args.out:
             settings = {k: v for k, v in vars(args).items() if k != "func"}
             with open(args.out, "w") as f:

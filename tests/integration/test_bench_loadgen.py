@@ -62,6 +62,7 @@ def test_closed_loop_token_prompts(tmp_path: Path, url: str, tiny_dir: Path) -> 
     _sane(rep, 40, 8)
     assert rep["prompt_tokens_mean"] == 32
     assert rep["config"]["concurrency"] == 4
+    assert rep["engine"] is None  # an in-process engine exports no worker series to split TTFT by
 
 
 def test_open_loop_poisson(tmp_path: Path, url: str, tiny_dir: Path) -> None:

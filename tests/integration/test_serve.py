@@ -4,6 +4,7 @@ graceful SIGTERM (an in-flight stream completes, every child exits)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -47,6 +48,7 @@ def test_serve_streams_and_drains_on_sigterm(tiny_model: Path, tmp_path: Path) -
         r = httpx.post(f"{base}/v1/completions", json=body, timeout=30)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
         _check_worker_metrics(httpx.get(f"{base}/metrics").text, r.json()["usage"]["prompt_tokens"])
+        _check_bench_engine_share(base, tiny_model, tmp_path / "bench.json")
 
         # SIGTERM while a long stream is in flight: it must finish, then everything exits.
         long_body = {"model": "tiny", "prompt": "hi", "max_tokens": 200, "stream": True}
@@ -90,6 +92,23 @@ def _check_worker_metrics(body: str, prompt_tokens: int) -> None:
     assert totals["tandem_worker_inter_token_latency_seconds_count"] == 4
     assert totals["tandem_worker_prompt_tokens_total"] == prompt_tokens
     assert totals["tandem_worker_active_requests"] == 0
+
+
+def _check_bench_engine_share(base: str, model: Path, out: Path) -> None:
+    """`tandem bench` splits the client's latency into the engines' share and the serving path's,
+    from the server's /metrics before and after the measured requests (the warmup excluded)."""
+    cmd = [sys.executable, "-m", "tandem.cli.main", "bench", "--url", base, "--model", "tiny"]
+    cmd += ["--tokenizer", str(model), "--concurrency", "4", "--requests", "24", "--warmup", "4"]
+    cmd += ["--isl", "24", "--osl", "6", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "added by the serving path" in done.stdout
+    engine = json.loads(out.read_text())["engine"]
+    assert engine["counts"] == {"queue": 24, "prefill": 24, "itl": 24 * 5}
+    # The engine's part of a request is inside what the client saw, so the rest is positive.
+    assert 0 < engine["ttft_ms"] and engine["added_ttft_ms"] > 0
+    assert engine["ttft_ms"] == pytest.approx(engine["queue_ms"] + engine["prefill_ms"], abs=0.01)
+    assert engine["itl_ms"] > 0 and engine["added_itl_ms"] is not None
 
 
 def _alive(pid: int) -> bool:
