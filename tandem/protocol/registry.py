@@ -14,8 +14,12 @@ import msgspec
 from tandem.protocol.kv_layout import KvLayout
 
 Role = Literal["agg", "prefill", "decode"]
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-"""Upper bounds (s) of the engines' queue and prefill histograms (`WorkerStats.queue_buckets`)."""
+LATENCY_BUCKETS = (
+    *(0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75),
+    *(1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+)
+"""Upper bounds (s) of the engines' queue and prefill histograms (`WorkerStats.queue_buckets`): dense
+from 10 to 300 ms, where a loaded engine's queue and prefill times sit, so quantiles read true."""
 GAP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5)
 """Upper bounds (s) of inter-token-gap histograms (the engines' `decode_buckets`, the frontend's ITL)."""
 Status = Literal["ready", "draining"]
