@@ -30,7 +30,7 @@ class BucketCounts:
     """A histogram's counts per bucket (not cumulative; the last is past every bound) and its sum."""
 
     bounds: tuple[float, ...]
-    counts: list[int] = field(default_factory=list)
+    counts: list[int] = field(init=False)
     sum: float = 0.0
     count: int = 0
 
