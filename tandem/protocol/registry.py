@@ -57,6 +57,8 @@ class WorkerInfo(msgspec.Struct, frozen=True, omit_defaults=True):
     num_blocks: int = 0
     """KV capacity in blocks."""
     max_model_len: int = 0
+    max_num_batched_tokens: int = 0
+    """Prompt tokens one engine step computes at most (0: unknown); the KV router's step budget."""
     hardware: Hardware = Hardware()
     status: Status = "ready"
     load: WorkerLoad = WorkerLoad()

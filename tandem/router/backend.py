@@ -253,6 +253,13 @@ class RouterBackend:
         # One comprehension with locals: this runs per request over every candidate (1,000 workers).
         in_flight = self.in_flight
         return [
-            WorkerLoad(w.worker_id, w.load.num_used_blocks, 0, in_flight[w.worker_id], w.num_blocks)
+            WorkerLoad(
+                w.worker_id,
+                w.load.num_used_blocks,
+                0,
+                in_flight[w.worker_id],
+                w.num_blocks,
+                w.max_num_batched_tokens,
+            )
             for w in candidates
         ]

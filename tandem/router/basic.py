@@ -110,7 +110,7 @@ def make_policy(name: str, kv_policy: Mapping[str, float] | None = None) -> Poli
 
         ttl = APPROX_TTL_S if name == "kv-approx" else None
         policy = replace(TUNED, **kv_policy) if kv_policy else TUNED
-        return KvPolicy(KvRouterConfig(policy=policy, approx_ttl=ttl))
+        return KvPolicy(KvRouterConfig(policy=policy, approx_ttl=ttl, batch_queued_prefill=True))
     try:
         return POLICIES[name]()
     except KeyError:

@@ -51,6 +51,9 @@ class KvRouterConfig:
     prefill are then load through their queued prefill tokens alone (not counted twice)."""
     seed: int = 0
     """Seeds tie-breaks and softmax sampling, so a replay routes the same way twice."""
+    batch_queued_prefill: bool = False
+    """Queued prefill that fits in a worker's next step beside the request's own costs nothing
+    (candidates' `step_tokens`; see `router/policy.py`). On in Tandem's router, off for Dynamo's."""
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -167,6 +170,9 @@ class KvRouter:
         capacity = None
         if policy.busy_threshold is not None:
             capacity = np.fromiter(map(attrgetter("capacity_blocks"), candidates), np.int64, len(ids))
+        steps = None
+        if cfg.batch_queued_prefill:
+            steps = np.fromiter(map(attrgetter("step_tokens"), candidates), np.int64, len(ids))
         n = num_tokens // bs if kv_transferred else len(block_hashes)  # full blocks
         i = pick_kv_arrays(
             n,
@@ -178,6 +184,7 @@ class KvRouter:
             bs,
             policy,
             self._rng,
+            steps,
         )
         if i is None:
             self.metrics.shed += 1

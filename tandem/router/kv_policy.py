@@ -50,7 +50,7 @@ class KvPolicy:
     on_finish, close."""
 
     def __init__(self, config: KvRouterConfig | None = None, pool: RpcClientPool | None = None) -> None:
-        self.router = KvRouter(config or KvRouterConfig(policy=TUNED))
+        self.router = KvRouter(config or KvRouterConfig(policy=TUNED, batch_queued_prefill=True))
         self.name = "kv-approx" if self.router.approximate else "kv"
         self.pool = pool
         self._followers: dict[str, asyncio.Task[None]] = {}

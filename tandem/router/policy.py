@@ -8,6 +8,15 @@ KV-aware cost of sending a request of `n` blocks to worker w (lower is better):
 
     s(n) = min(1, long_prompt_tokens / (n * block_size))                1 when long_prompt_tokens is 0
 
+Given each worker's `step_tokens` (its max_num_batched_tokens; the KV router passes them when its
+`batch_queued_prefill` is on, as in `tandem serve`), queued prefill that fits in the worker's next engine
+step beside this request's own (`step_tokens`, the worker's max_num_batched_tokens) costs nothing: it
+is computed in the same step, not ahead of it. Without this, a worker that had just finished a batch
+of short requests looked busy after a dozen replacements, and the rest of a client's burst went to a
+worker in the middle of decoding: each prefill step there stalled its decodes, the batches split and
+stayed split (closed loop c=64, 2 workers: 109 req/s and 11.9 ms ITL against least-loaded's 147 and
+6.8; docs/benchmarks.md, session 11). Longer prompts, which fill a step alone, are unchanged.
+
 A long prompt's time to first token is its own prefill plus the prefill queued ahead of it, so s(n)
 shrinks its decode term: it goes where the queue is short even if that worker holds more decode KV.
 Short requests, most of them, still spread decode KV (and so inter-token latency) by decode_weight.
@@ -49,6 +58,8 @@ class WorkerLoad(msgspec.Struct, frozen=True):
     active_requests: int = 0
     capacity_blocks: int = 0
     """Total KV blocks of the worker (0: unknown)."""
+    step_tokens: int = 0
+    """Prompt tokens one engine step of the worker computes at most (0: unknown)."""
 
 
 @dataclass(frozen=True)
@@ -101,8 +112,10 @@ def kv_costs(
     config: KvPolicyConfig,
 ) -> dict[str, float]:
     """Each worker's cost (the module docstring's formula), by worker id."""
-    arrays = _arrays(overlaps, loads)
-    costs = _costs(num_request_blocks, arrays[0], arrays[1], arrays[2], block_size, config)
+    overlap, active, queued, _ = _arrays(overlaps, loads)
+    steps = np.fromiter((w.step_tokens for w in loads), np.int64, len(loads))
+    queued = _queued_cost(num_request_blocks, overlap, queued, steps, block_size)
+    costs = _costs(num_request_blocks, overlap, active, queued, block_size, config)
     return {w.worker_id: float(c) for w, c in zip(loads, costs, strict=True)}
 
 
@@ -117,7 +130,10 @@ def pick_kv(
     """The KV-aware choice, or None when every worker is past the busy threshold."""
     overlap, active, queued, capacity = _arrays(overlaps, loads)
     ids = [w.worker_id for w in loads]
-    i = pick_kv_arrays(num_request_blocks, overlap, active, queued, capacity, ids, block_size, config, rng)
+    steps = np.fromiter((w.step_tokens for w in loads), np.int64, len(loads))
+    i = pick_kv_arrays(
+        num_request_blocks, overlap, active, queued, capacity, ids, block_size, config, rng, steps
+    )
     return None if i is None else ids[i]
 
 
@@ -131,16 +147,19 @@ def pick_kv_arrays(
     block_size: int,
     config: KvPolicyConfig,
     rng: random.Random | None = None,
+    step_tokens: np.ndarray | None = None,
 ) -> int | None:
     """`pick_kv` over arrays (one entry per candidate, named by `ids`): the index of the choice.
 
     The KV router scores its whole fleet this way, a few array operations per decision instead of
-    a Python loop over every worker. `capacity_blocks` may be None when no busy threshold is set.
+    a Python loop over every worker. `capacity_blocks` may be None when no busy threshold is set;
+    `step_tokens` (each worker's step budget, 0: unknown) None counts every queued token.
     """
     ok = _not_busy(active_blocks, queued_tokens, capacity_blocks, config) if config.sheds else None
     if ok is not None and not ok.any():
         return None
-    costs = _costs(num_request_blocks, overlap, active_blocks, queued_tokens, block_size, config)
+    queued = _queued_cost(num_request_blocks, overlap, queued_tokens, step_tokens, block_size)
+    costs = _costs(num_request_blocks, overlap, active_blocks, queued, block_size, config)
     if ok is not None:
         costs = np.where(ok, costs, np.inf)
     num_ok = len(ids) if ok is None else int(ok.sum())
@@ -178,6 +197,23 @@ def _not_busy(
     if config.busy_prefill_tokens is not None:
         ok &= queued_tokens < config.busy_prefill_tokens
     return ok
+
+
+def _queued_cost(
+    n: int,
+    overlap: np.ndarray,
+    queued_tokens: np.ndarray,
+    step_tokens: np.ndarray | None,
+    block_size: int,
+) -> np.ndarray:
+    """The queued prefill tokens that count as a queue ahead of this request: those past what the
+    worker's next step holds beside the request's own uncached tokens (all of them without step
+    budgets, or for a worker whose budget is unknown)."""
+    if step_tokens is None:
+        return queued_tokens
+    own = (n - np.minimum(overlap, n)) * block_size
+    room = np.where(step_tokens > 0, np.maximum(step_tokens - own, 0), 0)
+    return np.maximum(queued_tokens - room, 0)
 
 
 def _costs(

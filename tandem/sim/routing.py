@@ -101,7 +101,14 @@ class KvSimRouter:
         if bs != self.config.block_size:
             self.config = replace(self.config, block_size=bs)
             self.kv = KvRouter(self.config)
-        self._loads = [WorkerLoad(str(w.index), capacity_blocks=w.core.kv.num_blocks) for w in workers]
+        self._loads = [
+            WorkerLoad(
+                str(w.index),
+                capacity_blocks=w.core.kv.num_blocks,
+                step_tokens=w.core.config.max_num_batched_tokens,
+            )
+            for w in workers
+        ]
         if self.config.approx_ttl is None:
             for w in workers:
                 w.core.event_sink = self._sink(str(w.index))
@@ -143,8 +150,10 @@ ROUTERS: dict[str, Callable[[], Router]] = {
     "round-robin": RoundRobinRouter,
     "random": RandomRouter,
     "least-loaded": LeastLoadedRouter,
-    "kv": lambda: KvSimRouter(KvRouterConfig(policy=TUNED)),
-    "kv-approx": lambda: KvSimRouter(KvRouterConfig(policy=TUNED, approx_ttl=APPROX_TTL_S)),
+    "kv": lambda: KvSimRouter(KvRouterConfig(policy=TUNED, batch_queued_prefill=True)),
+    "kv-approx": lambda: KvSimRouter(
+        KvRouterConfig(policy=TUNED, approx_ttl=APPROX_TTL_S, batch_queued_prefill=True)
+    ),
     "kv-dynamo": KvSimRouter,
 }
 """Built-in routers by CLI name; each call makes a fresh (stateful) instance. Others register here.

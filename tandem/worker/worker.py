@@ -157,6 +157,7 @@ class Worker:
             block_size=self.config.engine_config.block_size,
             num_blocks=core.kv.num_blocks,
             max_model_len=core.max_model_len,
+            max_num_batched_tokens=self.config.engine_config.max_num_batched_tokens,
             hardware=detect_hardware(self.config.engine, self.config.device),
             status="draining" if self.draining else "ready",
             load=self.load(),

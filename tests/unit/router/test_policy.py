@@ -92,3 +92,22 @@ def test_least_loaded():
 def test_bad_policy_settings_are_clear_errors(fields, message):
     with pytest.raises(ValueError, match=message):
         KvPolicyConfig(**fields)
+
+
+def test_queued_prefill_that_shares_the_next_step_is_free():
+    # a just finished its batch: no decode KV, 12 short prompts (12 x 128 tokens) queued for its next
+    # step. b is decoding 30 requests (60 blocks). A 128-token prompt: counted as a queue, a's 96
+    # queued blocks outweigh b's decode load and the prompt would stall b's decodes; with a's step
+    # budget (8,192 tokens) they all prefill in one step, so a takes it.
+    cfg = KvPolicyConfig(overlap_weight=10.0, decode_weight=0.3, queued_weight=1.0)
+    a = WorkerLoad("a", 24, queued_prefill_tokens=12 * 128, step_tokens=8192)
+    b = WorkerLoad("b", 60, step_tokens=8192)
+    assert pick_kv(8, {}, [a, b], 16, cfg) == "a"
+    no_budget = [WorkerLoad("a", 24, queued_prefill_tokens=12 * 128), WorkerLoad("b", 60)]
+    assert pick_kv(8, {}, no_budget, 16, cfg) == "b", "an unknown step budget counts every token"
+    # Only what fits beside the request's own tokens is free: 8,128 queued + 128 own > 8,192 by 64.
+    full = [WorkerLoad("a", 0, queued_prefill_tokens=8128, step_tokens=8192)]
+    assert kv_costs(8, {}, full, 16, cfg) == {"a": pytest.approx(10.0 * 8 + 64 / 16)}
+    # A prompt that fills a step alone leaves no room: its queue counts whole.
+    long = [WorkerLoad("a", 0, queued_prefill_tokens=640, step_tokens=8192)]
+    assert kv_costs(600, {}, long, 16, cfg) == {"a": pytest.approx(10.0 * 600 + 40)}

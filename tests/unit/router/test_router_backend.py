@@ -165,3 +165,18 @@ async def test_refusal_before_first_token_retries_elsewhere(model_dir: Path) -> 
     await backend.close()
     for w in workers:
         await w.stop()
+
+
+async def test_workers_register_their_step_budget_and_the_router_passes_it_on(model_dir: Path) -> None:
+    # The KV router treats queued prefill that fits in a worker's next step as free
+    # (`router/policy.py`); the budget comes from the worker's registration.
+    d = MemoryDiscovery()
+    workers = await _start(model_dir, d, 1)
+    backend = RouterBackend(d, "least-loaded")
+    (info,) = d.snapshot()
+    assert info.max_num_batched_tokens == EngineConfig().max_num_batched_tokens > 0
+    (view,) = backend._views([info])
+    assert (view.step_tokens, view.capacity_blocks) == (info.max_num_batched_tokens, 128)
+    await backend.close()
+    for w in workers:
+        await w.stop()
