@@ -9,9 +9,9 @@ KV-aware cost of sending a request of `n` blocks to worker w (lower is better):
     s(n) = min(1, long_prompt_tokens / (n * block_size))                1 when long_prompt_tokens is 0
 
 Given each worker's `step_tokens` (its max_num_batched_tokens; the KV router passes them when its
-`batch_queued_prefill` is on, as in `tandem serve`), queued prefill that fits in the worker's next engine
-step beside this request's own (`step_tokens`, the worker's max_num_batched_tokens) costs nothing: it
-is computed in the same step, not ahead of it. Without this, a worker that had just finished a batch
+`batch_queued_prefill` is on, as in `tandem serve`), queued prefill that fits in the worker's next
+engine step beside this request's own uncached tokens costs nothing: it is computed in the same step,
+not ahead of it. Without this, a worker that had just finished a batch
 of short requests looked busy after a dozen replacements, and the rest of a client's burst went to a
 worker in the middle of decoding: each prefill step there stalled its decodes, the batches split and
 stayed split (closed loop c=64, 2 workers: 109 req/s and 11.9 ms ITL against least-loaded's 147 and
