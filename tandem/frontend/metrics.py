@@ -19,6 +19,7 @@ from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from tandem.protocol.registry import GAP_BUCKETS
+from tandem.router.worker_metrics import cumulative_buckets
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +46,7 @@ class FastHistogram(Collector):
         self.sum += value * n
 
     def collect(self) -> Iterator[HistogramMetricFamily]:
-        cumulative = 0
-        buckets = []
-        for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
-            cumulative += count
-            buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+        buckets = cumulative_buckets(self.bounds, self.counts)
         yield HistogramMetricFamily(self.name, self.doc, buckets=buckets, sum_value=self.sum)
 
     def describe(self) -> Iterator[HistogramMetricFamily]:

@@ -112,8 +112,7 @@ def kv_costs(
     config: KvPolicyConfig,
 ) -> dict[str, float]:
     """Each worker's cost (the module docstring's formula), by worker id."""
-    overlap, active, queued, _ = _arrays(overlaps, loads)
-    steps = np.fromiter((w.step_tokens for w in loads), np.int64, len(loads))
+    overlap, active, queued, _, steps = _arrays(overlaps, loads)
     queued = _queued_cost(num_request_blocks, overlap, queued, steps, block_size)
     costs = _costs(num_request_blocks, overlap, active, queued, block_size, config)
     return {w.worker_id: float(c) for w, c in zip(loads, costs, strict=True)}
@@ -128,9 +127,8 @@ def pick_kv(
     rng: random.Random | None = None,
 ) -> str | None:
     """The KV-aware choice, or None when every worker is past the busy threshold."""
-    overlap, active, queued, capacity = _arrays(overlaps, loads)
+    overlap, active, queued, capacity, steps = _arrays(overlaps, loads)
     ids = [w.worker_id for w in loads]
-    steps = np.fromiter((w.step_tokens for w in loads), np.int64, len(loads))
     i = pick_kv_arrays(
         num_request_blocks, overlap, active, queued, capacity, ids, block_size, config, rng, steps
     )
@@ -235,13 +233,15 @@ def _costs(
 
 def _arrays(
     overlaps: Mapping[str, int], loads: Sequence[WorkerLoad]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Overlap, active blocks, queued prefill tokens, capacity and step budget of each of `loads`."""
     n = len(loads)
     return (
         np.fromiter((overlaps.get(w.worker_id, 0) for w in loads), np.int64, n),
         np.fromiter((w.active_blocks for w in loads), np.int64, n),
         np.fromiter((w.queued_prefill_tokens for w in loads), np.int64, n),
         np.fromiter((w.capacity_blocks for w in loads), np.int64, n),
+        np.fromiter((w.step_tokens for w in loads), np.int64, n),
     )
 
 

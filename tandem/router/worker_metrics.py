@@ -123,7 +123,7 @@ class WorkerMetrics(Collector):
             for labels, s in answered:
                 counts, total = get_hist(s)
                 if len(counts) == len(bounds) + 1:  # else a worker that keeps no histogram
-                    hist.add_metric(labels, _cumulative(bounds, counts), sum_value=total)
+                    hist.add_metric(labels, cumulative_buckets(bounds, counts), sum_value=total)
             yield hist
 
     def describe(self) -> Iterator[Metric]:
@@ -134,6 +134,7 @@ def _labels(info: WorkerInfo) -> list[str]:
     return [info.worker_id, info.model, info.role]
 
 
-def _cumulative(bounds: Sequence[float], counts: Sequence[int]) -> list[tuple[str, float]]:
+def cumulative_buckets(bounds: Sequence[float], counts: Sequence[int]) -> list[tuple[str, float]]:
+    """Prometheus (le, cumulative count) pairs from per-bucket counts (the last past every bound)."""
     les = [repr(float(b)) for b in bounds] + ["+Inf"]
     return list(zip(les, map(float, accumulate(counts)), strict=True))

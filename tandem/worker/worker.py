@@ -20,7 +20,7 @@ import logging
 import os
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from tandem.control.discovery import DEFAULT_TTL, Discovery, Lease
 from tandem.control.rpc_server import RpcServer
 from tandem.engine.async_engine import AsyncEngine, EngineStream
 from tandem.engine.config import EngineConfig
-from tandem.engine.core import EngineCore
+from tandem.engine.core import EngineCore, EngineStats
 from tandem.engine.executor import Executor
 from tandem.engines.builtin.dtypes import compute_dtype
 from tandem.engines.factory import build_executor
@@ -49,6 +49,9 @@ from tandem.transfer.layout import layout_from_config
 from tandem.worker.publisher import KvEventPublisher
 
 log = logging.getLogger(__name__)
+
+_ENGINE_COUNTERS = tuple(f.name for f in fields(EngineStats) if f.name in WorkerStats.__struct_fields__)
+"""The engine's counters a `stats` call reports under the same names (the rest are the load's)."""
 
 
 @dataclass(frozen=True)
@@ -185,28 +188,11 @@ class Worker:
             worker_id=self.worker_id,
             status="draining" if self.draining else "ready",
             load=self.load(),
-            num_blocks=s.num_blocks,
-            num_free_blocks=s.num_free_blocks,
-            num_preemptions=s.num_preemptions,
-            prompt_tokens_total=s.prompt_tokens_total,
-            cached_tokens_total=s.cached_tokens_total,
-            num_steps=s.num_steps,
-            busy_seconds_total=s.busy_seconds_total,
             kv_loads=c.num_loads if c else 0,
             kv_load_failures=c.num_load_failures if c else 0,
             kv_load_seconds_total=c.load_seconds_total if c else 0.0,
             kv_load_bytes_total=c.load_bytes_total if c else 0,
-            prefill_steps=s.prefill_steps,
-            prefill_requests_total=s.prefill_requests_total,
-            queue_seconds_total=s.queue_seconds_total,
-            queued_requests_total=s.queued_requests_total,
-            prefill_seconds_total=s.prefill_seconds_total,
-            first_tokens_total=s.first_tokens_total,
-            decode_seconds_total=s.decode_seconds_total,
-            decode_tokens_total=s.decode_tokens_total,
-            queue_buckets=s.queue_buckets,
-            prefill_buckets=s.prefill_buckets,
-            decode_buckets=s.decode_buckets,
+            **{name: getattr(s, name) for name in _ENGINE_COUNTERS},
         )
 
     async def drain(self, timeout: float | None = None) -> bool:
