@@ -40,8 +40,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "bench"
 ENGINE = {"block_size": 64, "num_blocks": 16384, "max_num_seqs": 256, "max_num_batched_tokens": 8192}
-# (speedup, concurrency) -> (measured requests, warmup): a few seconds to ~30 s per point.
-COUNTS = {1: {1: (40, 4), 16: (320, 32), 64: (1280, 128)}}
+# (speedup, concurrency) -> (measured requests, warmup): ~15 s to ~45 s per point (c=1: enough
+# requests for a p99 that is not just the slowest one).
+COUNTS = {1: {1: (150, 4), 16: (320, 32), 64: (1280, 128)}}
 STRESS_COUNTS = {1: (1500, 100), 16: (4000, 200), 64: (6000, 300)}
 TANDEM_SYSTEMS = {"tandem-rr": "round-robin", "tandem-ll": "least-loaded", "tandem-kv": "kv"}
 """Tandem rows by name -> the router policy they run. A suffix `:dF` (e.g. `tandem-rr:d0.5`) runs
