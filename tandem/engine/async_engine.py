@@ -148,8 +148,8 @@ class AsyncEngine:
                 log.exception("engine step failed")
                 self._fail_all(TandemError(f"engine step failed: {e}"))
                 continue
-            self._deliver(outputs)  # tokens first: the counters are for scrapes, not for clients
             self._stats = core.stats()
+            self._deliver(outputs)
 
     def _handle(self, msg: _Add | _Abort | _Call) -> None:
         if isinstance(msg, _Abort):
