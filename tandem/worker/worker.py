@@ -2,7 +2,7 @@
 
     Worker(config, discovery).start()  -> builds EngineCore + AsyncEngine, listens, registers
     generate call  -> AsyncEngine.submit as the frame is read, then the stream: an `acceptance`
-                      output at once, then the engine's outputs (closing the stream aborts it)
+                      once the engine has taken it in, then its outputs (closing the stream aborts it)
     stats call     -> WorkerStats (engine counters + active requests)
     kv_events call -> this engine's KV events, a batch a step, until cancelled (KV-aware routers)
     kv_dump call   -> every cached block now (a router's bootstrap or resync after a gap)
@@ -33,7 +33,7 @@ from tandem.engine.executor import Executor
 from tandem.engines.builtin.dtypes import compute_dtype
 from tandem.engines.factory import build_executor
 from tandem.protocol.errors import InvalidRequestError, ModelNotFoundError, OverloadedError
-from tandem.protocol.messages import EngineOutput, GenerateRequest, acceptance
+from tandem.protocol.messages import EngineOutput, GenerateRequest
 from tandem.protocol.registry import Hardware, Role, WorkerInfo, WorkerLoad, WorkerStats
 from tandem.protocol.rpc import (
     Call,
@@ -236,7 +236,7 @@ class Worker:
             raise ModelNotFoundError(
                 f"worker {self.worker_id} serves {self.config.model_name!r}, not {req.model!r}"
             )
-        return _Active(self, self.engine.submit(req), req.request_id)
+        return _Active(self, self.engine.submit(req, accept=True))
 
     async def _serve(self, call: Call) -> AsyncGenerator[Any, None]:
         if isinstance(call, StatsCall):
@@ -288,14 +288,12 @@ class _Active:
     """An engine stream that counts as one of its worker's active requests until it is closed
     (drain waits for none to be left)."""
 
-    __slots__ = ("_accepted", "_open", "_request_id", "_stream", "_worker")
+    __slots__ = ("_open", "_stream", "_worker")
 
-    def __init__(self, worker: Worker, stream: EngineStream, request_id: str) -> None:
+    def __init__(self, worker: Worker, stream: EngineStream) -> None:
         self._worker = worker
         self._stream = stream
-        self._request_id = request_id
         self._open = True
-        self._accepted = False
         worker._active += 1
         worker._idle.clear()
 
@@ -303,9 +301,6 @@ class _Active:
         return self
 
     async def __anext__(self) -> EngineOutput:
-        if not self._accepted:  # the engine has it: say so before the first token (`acceptance`)
-            self._accepted = True
-            return acceptance(self._request_id)
         return await self._stream.__anext__()
 
     async def aclose(self) -> None:

@@ -11,7 +11,7 @@ import pytest
 from tandem.control.framing import encode_frame, read_frame
 from tandem.control.rpc_client import RpcClientPool
 from tandem.engine.config import EngineConfig
-from tandem.protocol.errors import ModelNotFoundError, OverloadedError
+from tandem.protocol.errors import InvalidRequestError, ModelNotFoundError, OverloadedError
 from tandem.protocol.messages import GenerateRequest, SamplingSpec
 from tandem.protocol.rpc import Cancel, End, GenerateCall, Open, Tokens
 from tandem.worker.worker import Worker, WorkerConfig
@@ -83,4 +83,16 @@ async def test_a_generate_stream_opens_with_its_acceptance(worker: Worker) -> No
     assert not any(o.is_acceptance for o in outs[1:])
     assert [t for o in outs for t in o.new_token_ids] and sum(len(o.new_token_ids) for o in outs) == 3
     assert outs[-1].finish_reason == "length"
+    await pool.close()
+
+
+async def test_a_request_the_engine_refuses_gets_its_error_and_no_acceptance(worker: Worker) -> None:
+    # The frontend answers such a request with its own 4xx, since no acceptance opened the stream.
+    pool = RpcClientPool()
+    call = GenerateCall(GenerateRequest("long", "simmodel", list(range(1, 3000)), SamplingSpec(max_tokens=2)))
+    seen = []
+    with pytest.raises(InvalidRequestError, match="context"):
+        async for out in await pool.open(worker.address, call):
+            seen.append(out)
+    assert seen == [] and worker._active == 0
     await pool.close()
