@@ -28,16 +28,17 @@ class EngineOutput(msgspec.Struct, array_like=True, omit_defaults=True):
 
     @property
     def is_acceptance(self) -> bool:
-        """No tokens and no finish: the first output of a worker's stream, sent as it takes the
-        request (`acceptance`). Every other output carries a token or a finish reason."""
+        """No tokens and no finish: the first output of a worker's stream, sent once its engine has
+        taken the request in (`acceptance`). Every other output carries a token or a finish reason."""
         return not self.new_token_ids and self.finish_reason is None
 
 
 def acceptance(request_id: str) -> EngineOutput:
-    """The output a worker streams first, as soon as its engine has the request: it lets the
+    """The output a worker streams first, once its engine has taken the request in: it lets the
     frontend answer 200 and open the SSE stream while the prefill runs (as Dynamo's frontend does
     once its request plane confirms the stream), so the first token goes out alone and the client
-    has read the headers by then. Errors before it still get their own HTTP status."""
+    has read the headers by then. Errors before it (the engine refused the request, no worker took
+    it) still get their own HTTP status."""
     return EngineOutput(request_id, [])
 
 
