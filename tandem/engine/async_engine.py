@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 from tandem.engine.core import EngineCore, EngineStats
 from tandem.engine.request import SamplingParams
 from tandem.protocol.errors import InvalidRequestError, TandemError
-from tandem.protocol.messages import EngineOutput, GenerateRequest, SamplingSpec
+from tandem.protocol.messages import EngineOutput, GenerateRequest, SamplingSpec, acceptance
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,8 @@ class _Add:
     arrival: float
     """When it was handed over (`EngineCore.clock`): the engine thread takes it in between steps,
     and the wait for the step under way is the engine's queue time too."""
+    accept: bool = False
+    """Stream an `acceptance` output once the engine has taken the request in."""
 
 
 @dataclass
@@ -74,6 +76,7 @@ class AsyncEngine:
         self.core = core
         self._inbox: queue.SimpleQueue[_Add | _Abort | _Call | None] = queue.SimpleQueue()
         self._streams: dict[str, _Add] = {}
+        self._accepted: list[_Add] = []
         self._stats = core.stats()
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -88,12 +91,16 @@ class AsyncEngine:
     def num_active(self) -> int:
         return len(self._streams)
 
-    def submit(self, req: GenerateRequest) -> EngineStream:
-        """Hand `req` to the engine now (it joins the next step) and return its output stream."""
+    def submit(self, req: GenerateRequest, *, accept: bool = False) -> EngineStream:
+        """Hand `req` to the engine now (it joins the next step) and return its output stream.
+
+        `accept`: the stream's first output is an `acceptance`, sent as the engine thread takes the
+        request in and starts its step (so the loop thread does that work while the step runs, not
+        while the engine thread waits for the GIL to start it)."""
         if self._stopped:
             raise TandemError("the engine is stopped")
         sink: asyncio.Queue[EngineOutput | BaseException] = asyncio.Queue()
-        self._inbox.put(_Add(req, sink, asyncio.get_running_loop(), self.core.clock()))
+        self._inbox.put(_Add(req, sink, asyncio.get_running_loop(), self.core.clock(), accept))
         return EngineStream(self, req.request_id, sink)
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[EngineOutput]:
@@ -140,6 +147,8 @@ class AsyncEngine:
                     self._handle(msg)
             except queue.Empty:
                 pass
+            if self._accepted:
+                self._send_acceptances()
             if not core.has_unfinished():
                 continue
             try:
@@ -177,6 +186,16 @@ class AsyncEngine:
             msg.loop.call_soon_threadsafe(msg.sink.put_nowait, e)
             return
         self._streams[req.request_id] = msg
+        if msg.accept:
+            self._accepted.append(msg)
+
+    def _send_acceptances(self) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, EngineOutput]]] = {}
+        for add in self._accepted:
+            by_loop.setdefault(add.loop, []).append((add.sink, acceptance(add.req.request_id)))
+        self._accepted = []
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, items)
 
     def _deliver(self, outputs: list[EngineOutput]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, EngineOutput]]] = {}

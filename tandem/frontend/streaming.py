@@ -125,6 +125,9 @@ class GenerationResponse(Response):
     async def _stream(self, send: Send) -> None:
         gen = self.gen
         outputs = gen.outputs
+        # The status waits for the first output: a worker's acceptance (`acceptance`: it has the
+        # request, its prefill runs), or a first token from a backend that sends none. A request no
+        # worker takes still gets its own 4xx/5xx.
         try:
             out = await anext(outputs)
         except (Exception, StopAsyncIteration) as e:
@@ -142,6 +145,9 @@ class GenerationResponse(Response):
             while True:
                 ids = out.new_token_ids
                 n = len(ids)
+                if not n and out.finish_reason is None:  # an acceptance (or another after a retry)
+                    out = await anext(outputs)
+                    continue
                 if n:
                     now = time.perf_counter()
                     if last:
@@ -200,6 +206,8 @@ class GenerationResponse(Response):
         try:
             async for out in gen.outputs:
                 ids = out.new_token_ids
+                if out.is_acceptance:
+                    continue
                 if ids:
                     now = time.perf_counter()
                     if last:

@@ -26,6 +26,21 @@ class EngineOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    @property
+    def is_acceptance(self) -> bool:
+        """No tokens and no finish: the first output of a worker's stream, sent once its engine has
+        taken the request in (`acceptance`). Every other output carries a token or a finish reason."""
+        return not self.new_token_ids and self.finish_reason is None
+
+
+def acceptance(request_id: str) -> EngineOutput:
+    """The output a worker streams first, once its engine has taken the request in: it lets the
+    frontend answer 200 and open the SSE stream while the prefill runs (as Dynamo's frontend does
+    once its request plane confirms the stream), so the first token goes out alone and the client
+    has read the headers by then. Errors before it (the engine refused the request, no worker took
+    it) still get their own HTTP status."""
+    return EngineOutput(request_id, [])
+
 
 class SamplingSpec(msgspec.Struct, omit_defaults=True):
     """Wire form of `tandem.engine.request.SamplingParams` (same fields, same defaults)."""

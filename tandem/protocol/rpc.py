@@ -6,7 +6,9 @@ that the client chose when it sent `Open` (sid 0 is the connection itself).
 
     client                         server
     Open(sid, call)        ->
-                           <-      Tokens(sid, output)*   (streamed engine outputs)
+                           <-      Tokens(sid, output)*   (streamed engine outputs; a generate
+                                                           stream's first has no tokens and no
+                                                           finish: the engine took the request in)
                            <-      Reply(sid, body)*      (unary / watch answers)
                            <-      End(sid) | Fail(sid, code, message)
     Cancel(sid)            ->      (client gave up: the server aborts the call, sends nothing more)

@@ -104,6 +104,9 @@ class RouterBackend:
         sent = time.perf_counter()
         try:
             async for out in self._stream(prefill_req, prefill_workers, "prefill"):
+                if out.is_acceptance:
+                    yield out  # a prefill worker has it: the frontend may open its stream
+                    continue
                 first = out if first is None else merge_outputs(first, out)
         except (OverloadedError, WorkerLostError) as e:
             if self.disagg.enforce:
@@ -139,6 +142,8 @@ class RouterBackend:
             )
             sent = time.perf_counter()
             async for out in self._stream(decode_req, decode_workers, "decode"):
+                if out.is_acceptance:  # the stream is open already
+                    continue
                 if sent:
                     self.disagg_metrics.handoff.observe(time.perf_counter() - sent)
                     sent = 0.0
@@ -173,6 +178,7 @@ class RouterBackend:
             return next(w for w in candidates if w.worker_id == chosen)
 
         admission = None if self.admission is None else self.admission.pool(pool)
+        accepted = False
         for _ in range(self.max_attempts):
             worker = place() if admission is None else await admission.place(place)
             if worker is None:
@@ -185,6 +191,13 @@ class RouterBackend:
                 stream = await self.pool.open(worker.address, GenerateCall(req))
                 async with stream:
                     async for out in stream:
+                        if out.is_acceptance:
+                            # Not output yet (a failure after it is still retried elsewhere); only
+                            # the first worker's is passed on, so the frontend can open its stream.
+                            if not accepted:
+                                accepted = True
+                                yield out
+                            continue
                         if not started:
                             started = True
                             if self._on_first is not None:

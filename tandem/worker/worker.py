@@ -1,8 +1,8 @@
 """Worker: one engine served over the request plane, registered in discovery, drained on stop.
 
     Worker(config, discovery).start()  -> builds EngineCore + AsyncEngine, listens, registers
-    generate call  -> AsyncEngine.submit as the frame is read, outputs streamed back (closing the
-                      stream aborts it)
+    generate call  -> AsyncEngine.submit as the frame is read, then the stream: an `acceptance`
+                      once the engine has taken it in, then its outputs (closing the stream aborts it)
     stats call     -> WorkerStats (engine counters + active requests)
     kv_events call -> this engine's KV events, a batch a step, until cancelled (KV-aware routers)
     kv_dump call   -> every cached block now (a router's bootstrap or resync after a gap)
@@ -236,7 +236,7 @@ class Worker:
             raise ModelNotFoundError(
                 f"worker {self.worker_id} serves {self.config.model_name!r}, not {req.model!r}"
             )
-        return _Active(self, self.engine.submit(req))
+        return _Active(self, self.engine.submit(req, accept=True))
 
     async def _serve(self, call: Call) -> AsyncGenerator[Any, None]:
         if isinstance(call, StatsCall):

@@ -33,6 +33,7 @@ from tandem.protocol.registry import WorkerStats
 from tandem.protocol.rpc import StatsCall
 from tandem.router.backend import RouterBackend
 from tandem.router.disagg import DisaggPolicy
+from tests.outputs import next_output
 
 READY_TIMEOUT = 120.0
 MAX_TOKENS = 12
@@ -169,7 +170,7 @@ async def test_killed_prefill_worker_does_not_lose_the_request(model_dir, expect
         # Killed after handing over the first token, before the decode side pulled the KV: the
         # decode worker's load fails and it computes the prompt itself.
         stream = d.backend.generate(request(0, ps[3]))
-        tokens = list((await stream.__anext__()).new_token_ids)
+        tokens = list((await next_output(stream)).new_token_ids)
         os.kill(d.pid(prefill), signal.SIGKILL)
         rest, _ = await asyncio.wait_for(collect(stream), 30)
         assert tokens + rest == expected[3]
@@ -195,8 +196,8 @@ async def test_killed_decode_worker_fails_cleanly_and_prefill_frees_its_blocks(m
         long.sampling.max_tokens = 100_000
         long.sampling.ignore_eos = True
         stream = d.backend.generate(long)
-        await stream.__anext__()  # first token from the prefill worker
-        await stream.__anext__()  # decoding has started
+        await next_output(stream)  # first token from the prefill worker
+        await next_output(stream)  # decoding has started
         os.kill(d.pid(decode), signal.SIGKILL)
         started = time.monotonic()
         with pytest.raises(WorkerLostError):
@@ -218,14 +219,14 @@ async def test_client_leaving_at_any_point_frees_every_block(model_dir) -> None:
         long.sampling.ignore_eos = True
         # Left after the first token, before the decode worker pulled the KV.
         stream = d.backend.generate(long)
-        await stream.__anext__()
+        await next_output(stream)
         await stream.aclose()
         await d.assert_no_blocks_in_use(timeout=5)
         # Left mid-decode.
         long.request_id = "r1"
         stream = d.backend.generate(long)
         for _ in range(5):
-            await stream.__anext__()
+            await next_output(stream)
         await stream.aclose()
         await d.assert_no_blocks_in_use(timeout=5)
     finally:

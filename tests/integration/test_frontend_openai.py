@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -22,7 +23,7 @@ from tandem.frontend.app import create_app
 from tandem.frontend.local import LocalBackend
 from tandem.models.tiny import write_tiny_model
 from tandem.protocol.errors import WorkerLostError
-from tandem.protocol.messages import EngineOutput, GenerateRequest
+from tandem.protocol.messages import EngineOutput, GenerateRequest, acceptance
 from tandem.router.interface import ModelCard
 from tests.integration.servers import ThreadedServer
 
@@ -376,6 +377,40 @@ def test_merged_outputs_stream_one_event_per_token(fake_server: tuple[ThreadedSe
     assert chunks[0]["delta"]["role"] == "assistant"
     assert all("role" not in c["delta"] for c in chunks[1:])
     assert [c["finish_reason"] for c in chunks] == [None, None, None, None, "length"]
+
+
+_release = threading.Event()
+
+
+async def _accepted_then_held(req: GenerateRequest) -> AsyncIterator[EngineOutput]:
+    # A worker took the request; its tokens come only once the test has read the headers.
+    yield acceptance(req.request_id)
+    while not _release.is_set():
+        await asyncio.sleep(0.005)
+    yield EngineOutput(req.request_id, [300], num_prompt_tokens=5)
+    yield EngineOutput(req.request_id, [301], finish_reason="length", num_prompt_tokens=5)
+
+
+@pytest.mark.parametrize("fake_server", [(_accepted_then_held,)], indirect=True)
+def test_the_stream_opens_when_a_worker_accepts_before_its_first_token(
+    fake_server: tuple[ThreadedServer, FakeBackend],
+) -> None:
+    server, _ = fake_server
+    _release.clear()
+    with httpx.Client(timeout=5) as http:
+        with http.stream("POST", server.url + "/v1/chat/completions", json={**BASE, "stream": True}) as resp:
+            # Status and headers are here while the backend still holds every token.
+            assert resp.status_code == 200
+            assert resp.headers["content-type"].startswith("text/event-stream")
+            _release.set()
+            text = resp.read().decode()
+    events = [line[6:] for line in text.split("\n\n") if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e)["choices"][0] for e in events[:-1]]
+    assert len(chunks) == 2 and chunks[0]["delta"]["role"] == "assistant"  # the acceptance adds no event
+    assert [c["finish_reason"] for c in chunks] == [None, "length"]
+    body = _post(server, "/v1/chat/completions", BASE, timeout=5).json()
+    assert body["usage"]["completion_tokens"] == 2 and body["choices"][0]["finish_reason"] == "length"
 
 
 def _crash(req: GenerateRequest) -> AsyncIterator[EngineOutput]:

@@ -22,6 +22,7 @@ from tandem.router.kv import KvRouterConfig
 from tandem.router.kv_policy import TUNED, KvPolicy
 from tandem.router.policy import KvPolicyConfig
 from tandem.worker.worker import Worker, WorkerConfig
+from tests.outputs import next_output
 
 BS = 16
 
@@ -171,7 +172,7 @@ async def busy_fleet(
     streams = [backend.generate(GenerateRequest(f"l{i}", "simmodel", tokens(20 + i, 60 * BS),
                                                 SamplingSpec(max_tokens=500))) for i in range(n)]  # fmt: skip
     for s in streams:
-        await anext(s)
+        await next_output(s)
     return workers, backend, streams
 
 
@@ -240,13 +241,13 @@ async def test_disaggregated_pools_queue_separately(model_dir: Path) -> None:
         return GenerateRequest(rid, "simmodel", tokens(seed, blocks * BS), SamplingSpec(max_tokens=n))
 
     long = backend.generate(request("long", 50, 60, 500))
-    await anext(long)  # the first token, from the prefill worker
-    await anext(long)  # the second, from its decode leg: 60 of the decode worker's 256 blocks, busy
+    await next_output(long)  # the first token, from the prefill worker
+    await next_output(long)  # the second, from its decode leg: 60 of the decode worker's 256 blocks, busy
     b = asyncio.create_task(_drain(backend.generate(request("b", 51, 8, 4))))
     await asyncio.sleep(0.3)
     assert queues.pool("decode").waiting == 1 and not b.done(), "b: prefilled, its decode leg waits"
     c = backend.generate(request("c", 52, 8, 4))
-    await asyncio.wait_for(anext(c), 5)  # c's prefill is not held up behind b's decode leg
+    await asyncio.wait_for(next_output(c), 5)  # c's prefill is not held up behind b's decode leg
     rest = asyncio.create_task(_drain(c))
     await asyncio.sleep(0.3)
     assert queues.pool("decode").waiting == 2 and queues.pool("prefill").queued_total == 0

@@ -26,6 +26,7 @@ from tandem.protocol.messages import GenerateRequest, SamplingSpec
 from tandem.protocol.registry import WorkerStats
 from tandem.protocol.rpc import StatsCall
 from tandem.router.backend import RouterBackend
+from tests.outputs import next_output
 
 READY_TIMEOUT = 60.0  # generous: a loaded 2-core CI box
 
@@ -110,7 +111,7 @@ async def test_stream_from_two_workers_and_cancel_frees_kv(deployment: Deploymen
     assert all(s.prefill_seconds_total > 0 and s.decode_seconds_total > 0 for s in stats)
 
     gen = deployment.backend.generate(_req("long", 100_000))
-    await gen.__anext__()
+    await next_output(gen)
     (wid,) = deployment.backend.in_flight.keys()
     assert (await deployment.stats(wid)).load.num_used_blocks > 0
     await gen.aclose()
@@ -124,7 +125,7 @@ async def test_stream_from_two_workers_and_cancel_frees_kv(deployment: Deploymen
 
 async def test_kill_9_mid_stream_raises_worker_lost_and_leaves_registry(deployment: Deployment) -> None:
     gen = deployment.backend.generate(_req("doomed", 100_000))
-    await gen.__anext__()
+    await next_output(gen)
     (wid,) = deployment.backend.in_flight.keys()
     os.kill(deployment.pid(wid), signal.SIGKILL)
     started = time.monotonic()
@@ -144,7 +145,7 @@ async def test_kill_9_mid_stream_raises_worker_lost_and_leaves_registry(deployme
 async def test_sigterm_drains_in_flight_and_routes_new_requests_elsewhere(deployment: Deployment) -> None:
     n = 300  # about a second or more of decode steps at this speedup
     gen = deployment.backend.generate(_req("inflight", n))
-    first = await gen.__anext__()
+    first = await next_output(gen)
     (wid,) = deployment.backend.in_flight.keys()
     other = "w-1" if wid == "w-0" else "w-0"
     os.kill(deployment.pid(wid), signal.SIGTERM)

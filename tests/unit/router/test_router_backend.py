@@ -17,6 +17,7 @@ from tandem.protocol.registry import WorkerLoad, WorkerStats
 from tandem.protocol.rpc import StatsCall
 from tandem.router.backend import RouterBackend
 from tandem.worker.worker import Worker, WorkerConfig
+from tests.outputs import next_output
 
 
 @pytest.fixture
@@ -116,7 +117,7 @@ async def test_cancel_mid_stream_frees_kv(model_dir: Path) -> None:
     (w,) = await _start(model_dir, d, 1)
     backend = RouterBackend(d)
     gen = backend.generate(_req("long", n=100_000))
-    await gen.__anext__()
+    await next_output(gen)
     assert w.stats().load.num_used_blocks > 0
     await gen.aclose()
     for _ in range(100):

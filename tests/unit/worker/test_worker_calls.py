@@ -75,7 +75,19 @@ async def test_refusals_arrive_as_errors_and_leave_nothing_active(worker: Worker
     await pool.close()
 
 
-async def test_a_request_the_engine_refuses_gets_its_error_and_leaves_nothing_active(worker: Worker) -> None:
+async def test_a_generate_stream_opens_with_its_acceptance(worker: Worker) -> None:
+    # The frontend opens its SSE stream on this output, while the prefill still runs.
+    pool = RpcClientPool()
+    outs = [out async for out in await pool.open(worker.address, _call("acc", 3))]
+    assert outs[0].is_acceptance and outs[0].request_id == "acc"
+    assert not any(o.is_acceptance for o in outs[1:])
+    assert [t for o in outs for t in o.new_token_ids] and sum(len(o.new_token_ids) for o in outs) == 3
+    assert outs[-1].finish_reason == "length"
+    await pool.close()
+
+
+async def test_a_request_the_engine_refuses_gets_its_error_and_no_acceptance(worker: Worker) -> None:
+    # The frontend answers such a request with its own 4xx, since no acceptance opened the stream.
     pool = RpcClientPool()
     call = GenerateCall(GenerateRequest("long", "simmodel", list(range(1, 3000)), SamplingSpec(max_tokens=2)))
     seen = []
