@@ -145,7 +145,7 @@ class GenerationResponse(Response):
             while True:
                 ids = out.new_token_ids
                 n = len(ids)
-                if not n and out.finish_reason is None:  # an acceptance (or another after a retry)
+                if not n and out.is_acceptance:  # (a second one can follow a retry elsewhere)
                     out = await anext(outputs)
                     continue
                 if n:
