@@ -190,24 +190,19 @@ class AsyncEngine:
             self._accepted.append(msg)
 
     def _send_acceptances(self) -> None:
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, EngineOutput]]] = {}
-        for add in self._accepted:
-            by_loop.setdefault(add.loop, []).append((add.sink, acceptance(add.req.request_id)))
-        self._accepted = []
-        for loop, items in by_loop.items():
-            loop.call_soon_threadsafe(_put_all, items)
+        accepted, self._accepted = self._accepted, []
+        _send([(add, acceptance(add.req.request_id)) for add in accepted])
 
     def _deliver(self, outputs: list[EngineOutput]) -> None:
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, EngineOutput]]] = {}
+        delivered: list[tuple[_Add, EngineOutput]] = []
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if stream is None:
                 continue
             if out.finish_reason is not None:
                 del self._streams[out.request_id]
-            by_loop.setdefault(stream.loop, []).append((stream.sink, out))
-        for loop, items in by_loop.items():
-            loop.call_soon_threadsafe(_put_all, items)
+            delivered.append((stream, out))
+        _send(delivered)
 
     def _fail_all(self, err: BaseException) -> None:
         for rid, stream in list(self._streams.items()):
@@ -250,6 +245,15 @@ class EngineStream:
 
     async def aclose(self) -> None:
         self.close()
+
+
+def _send(outputs: list[tuple[_Add, EngineOutput]]) -> None:
+    """Each output onto its stream's queue: one `call_soon_threadsafe` per event loop per step."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, EngineOutput]]] = {}
+    for stream, out in outputs:
+        by_loop.setdefault(stream.loop, []).append((stream.sink, out))
+    for loop, items in by_loop.items():
+        loop.call_soon_threadsafe(_put_all, items)
 
 
 def _put_all(items: list[tuple[asyncio.Queue, EngineOutput]]) -> None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
 from typing import Any
 
+import httpx
 import uvicorn
 
 
@@ -34,3 +36,24 @@ class ThreadedServer:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+MODEL = "tiny"
+"""The served name of the tiny model in the frontend tests."""
+CHAT = [{"role": "user", "content": "What is the capital of France? Tell me about Paris."}]
+chat_body: dict[str, Any] = {"model": MODEL, "messages": CHAT}
+"""A minimal chat request; spread it into a new dict to add fields."""
+
+
+def post_json(server: ThreadedServer, path: str, body: Any, **kw: Any) -> httpx.Response:
+    """POST `body` (bytes as they are, anything else as JSON) to `server`."""
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx.post(server.url + path, content=content, headers={"content-type": "application/json"}, **kw)
+
+
+def expect_error(resp: httpx.Response, status: int) -> dict[str, Any]:
+    """The OpenAI-shaped error object of `resp`, which must have `status`."""
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    return err

@@ -5,10 +5,7 @@ for failures a real engine cannot be made to show on demand."""
 from __future__ import annotations
 
 import asyncio
-import json
-import threading
-import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +19,7 @@ from tandem.engine.request import SamplingParams
 from tandem.frontend.app import create_app
 from tandem.frontend.local import LocalBackend
 from tandem.models.tiny import write_tiny_model
-from tandem.protocol.errors import WorkerLostError
-from tandem.protocol.messages import EngineOutput, GenerateRequest, acceptance
-from tandem.router.interface import ModelCard
-from tests.integration.servers import ThreadedServer
-
-MODEL = "tiny"
-CHAT = [{"role": "user", "content": "What is the capital of France? Tell me about Paris."}]
+from tests.integration.servers import CHAT, MODEL, ThreadedServer, chat_body, expect_error, post_json
 
 
 @pytest.fixture(scope="module")
@@ -178,153 +169,47 @@ def test_models_health_live_metrics_openapi(sim_server: ThreadedServer, client: 
     assert "ChatCompletionRequest" in spec["components"]["schemas"]
 
 
-def _post(server: ThreadedServer, path: str, body: Any, **kw: Any) -> httpx.Response:
-    content = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return httpx.post(server.url + path, content=content, headers={"content-type": "application/json"}, **kw)
-
-
-def _error(resp: httpx.Response, status: int) -> dict[str, Any]:
-    assert resp.status_code == status, resp.text
-    err = resp.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"}
-    return err
-
-
-BASE = {"model": MODEL, "messages": CHAT}
-
-
 @pytest.mark.parametrize(
     ("body", "param"),
     [
         (b"{not json", None),
         ({"model": MODEL}, "messages"),
-        ({**BASE, "max_tokens": "ten"}, "max_tokens"),
-        ({**BASE, "temperature": -1}, "temperature"),
-        ({**BASE, "temperature": 2.1}, "temperature"),
-        ({**BASE, "top_p": 0}, "top_p"),
-        ({**BASE, "top_p": 1.1}, "top_p"),
-        ({**BASE, "max_tokens": -5}, "max_tokens"),
-        ({**BASE, "n": 2}, "n"),
-        ({**BASE, "response_format": {"type": "json_object"}}, "response_format"),
-        ({**BASE, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({**chat_body, "max_tokens": "ten"}, "max_tokens"),
+        ({**chat_body, "temperature": -1}, "temperature"),
+        ({**chat_body, "temperature": 2.1}, "temperature"),
+        ({**chat_body, "top_p": 0}, "top_p"),
+        ({**chat_body, "top_p": 1.1}, "top_p"),
+        ({**chat_body, "max_tokens": -5}, "max_tokens"),
+        ({**chat_body, "n": 2}, "n"),
+        ({**chat_body, "response_format": {"type": "json_object"}}, "response_format"),
+        ({**chat_body, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ],
 )
 def test_invalid_requests_are_400(sim_server: ThreadedServer, body: Any, param: str | None) -> None:
-    err = _error(_post(sim_server, "/v1/chat/completions", body), 400)
+    err = expect_error(post_json(sim_server, "/v1/chat/completions", body), 400)
     assert err["type"] == "invalid_request_error" and err["param"] == param
 
 
 def test_unknown_model_and_route_are_404(sim_server: ThreadedServer) -> None:
-    err = _error(_post(sim_server, "/v1/chat/completions", {**BASE, "model": "nope"}), 404)
+    err = expect_error(post_json(sim_server, "/v1/chat/completions", {**chat_body, "model": "nope"}), 404)
     assert err["code"] == "model_not_found"
-    _error(httpx.get(sim_server.url + "/v1/nothing"), 404)
+    expect_error(httpx.get(sim_server.url + "/v1/nothing"), 404)
 
 
 def test_prompt_longer_than_context_is_400(sim_server: ThreadedServer) -> None:
-    err = _error(_post(sim_server, "/v1/completions", {"model": MODEL, "prompt": list(range(3, 303))}), 400)
+    err = expect_error(
+        post_json(sim_server, "/v1/completions", {"model": MODEL, "prompt": list(range(3, 303))}), 400
+    )
     assert "300" in err["message"] and "256" in err["message"]
 
 
 def test_max_tokens_past_context_is_clamped(sim_server: ThreadedServer) -> None:
-    resp = _post(
+    resp = post_json(
         sim_server, "/v1/completions", {"model": MODEL, "prompt": list(range(3, 203)), "max_tokens": 1000}
     )
     body = resp.json()
     assert resp.status_code == 200
     assert body["usage"]["completion_tokens"] == 56 and body["choices"][0]["finish_reason"] == "length"
-
-
-class FakeBackend:
-    """A scripted backend: `script(req)` gives the stream; records whether each stream was closed."""
-
-    def __init__(self, model_dir: Path, script: Any, ready: bool = True) -> None:
-        self.card = ModelCard(name=MODEL, model_dir=str(model_dir), max_model_len=256)
-        self.script = script
-        self.ready = ready
-        self.closed = asyncio.Event()
-        self.closed_flag = False
-
-    def models(self) -> list[ModelCard]:
-        return [self.card]
-
-    def is_ready(self, model: str) -> bool:
-        return self.ready
-
-    async def generate(self, req: GenerateRequest) -> AsyncIterator[EngineOutput]:
-        try:
-            async for out in self.script(req):
-                yield out
-        finally:
-            self.closed_flag = True
-
-
-@pytest.fixture
-def fake_server(
-    tiny_dir: Path, request: pytest.FixtureRequest
-) -> Iterator[tuple[ThreadedServer, FakeBackend]]:
-    backend = FakeBackend(tiny_dir, *request.param)
-    server = ThreadedServer(create_app(backend))
-    yield server, backend
-    server.stop()
-
-
-async def _one_then_lost(req: GenerateRequest) -> AsyncIterator[EngineOutput]:
-    yield EngineOutput(req.request_id, [300], num_prompt_tokens=5)
-    await asyncio.sleep(0.05)
-    raise WorkerLostError("worker w1 died")
-
-
-async def _one_then_forever(req: GenerateRequest) -> AsyncIterator[EngineOutput]:
-    yield EngineOutput(req.request_id, [300], num_prompt_tokens=5)
-    await asyncio.Event().wait()
-
-
-async def _forever(req: GenerateRequest) -> AsyncIterator[EngineOutput]:
-    await asyncio.Event().wait()
-    yield EngineOutput(req.request_id, [300])
-
-
-@pytest.mark.parametrize("fake_server", [(_one_then_lost,)], indirect=True)
-def test_worker_lost_mid_stream_sends_error_event(fake_server: tuple[ThreadedServer, FakeBackend]) -> None:
-    server, backend = fake_server
-    t0 = time.monotonic()
-    resp = _post(server, "/v1/chat/completions", {**BASE, "stream": True}, timeout=5)
-    assert resp.status_code == 200 and time.monotonic() - t0 < 3
-    events = [line[6:] for line in resp.text.split("\n\n") if line.startswith("data: ")]
-    assert events[-1] == "[DONE]"
-    assert json.loads(events[-2])["error"]["code"] == "worker_lost"
-    assert json.loads(events[0])["choices"][0]["delta"]["role"] == "assistant"
-    assert backend.closed_flag
-
-
-@pytest.mark.parametrize("fake_server", [(_one_then_lost,)], indirect=True)
-def test_worker_lost_non_streaming_is_502(fake_server: tuple[ThreadedServer, FakeBackend]) -> None:
-    server, _ = fake_server
-    _error(_post(server, "/v1/chat/completions", BASE, timeout=5), 502)
-
-
-@pytest.mark.parametrize("fake_server", [(_one_then_lost, False)], indirect=True)
-def test_no_live_worker_is_503_with_retry_after(fake_server: tuple[ThreadedServer, FakeBackend]) -> None:
-    server, _ = fake_server
-    resp = _post(server, "/v1/chat/completions", BASE)
-    _error(resp, 503)
-    assert resp.headers["retry-after"] == "1"
-    assert httpx.get(server.url + "/health").status_code == 503
-    assert httpx.get(server.url + "/live").status_code == 200
-
-
-@pytest.mark.parametrize("fake_server", [(_one_then_forever,), (_forever,)], indirect=True)
-def test_client_disconnect_closes_the_backend_stream(fake_server: tuple[ThreadedServer, FakeBackend]) -> None:
-    server, backend = fake_server
-    with pytest.raises(httpx.ReadTimeout), httpx.Client(timeout=httpx.Timeout(5, read=0.5)) as http:
-        with http.stream("POST", server.url + "/v1/chat/completions", json={**BASE, "stream": True}) as resp:
-            for _ in resp.iter_bytes():
-                pass
-    deadline = time.monotonic() + 3
-    while not backend.closed_flag and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert backend.closed_flag, "the backend stream was not closed after the client left"
-    assert httpx.get(server.url + "/live").status_code == 200
 
 
 def test_builtin_engine_greedy_matches_engine_core(tiny_dir: Path) -> None:
@@ -356,73 +241,3 @@ def test_builtin_engine_greedy_matches_engine_core(tiny_dir: Path) -> None:
     tok = AutoTokenizer.from_pretrained(str(tiny_dir), local_files_only=True)
     assert via_http.usage.completion_tokens == len(ids) == 12
     assert via_http.choices[0].text == tok.decode(ids, skip_special_tokens=True)
-
-
-async def _merged_outputs(req: GenerateRequest) -> AsyncIterator[EngineOutput]:
-    # What a lagging request plane delivers: several steps' tokens merged into one output.
-    yield EngineOutput(req.request_id, [300, 301, 302], num_prompt_tokens=5)
-    yield EngineOutput(req.request_id, [303, 304], finish_reason="length", num_prompt_tokens=5)
-
-
-@pytest.mark.parametrize("fake_server", [(_merged_outputs,)], indirect=True)
-def test_merged_outputs_stream_one_event_per_token(fake_server: tuple[ThreadedServer, FakeBackend]) -> None:
-    server, _ = fake_server
-    body = {**BASE, "stream": True, "stream_options": {"include_usage": True}}
-    resp = _post(server, "/v1/chat/completions", body, timeout=5)
-    events = [line[6:] for line in resp.text.split("\n\n") if line.startswith("data: ")]
-    assert events[-1] == "[DONE]"
-    usage = json.loads(events[-2])["usage"]
-    chunks = [json.loads(e)["choices"][0] for e in events[:-2]]
-    assert len(chunks) == 5 == usage["completion_tokens"]
-    assert chunks[0]["delta"]["role"] == "assistant"
-    assert all("role" not in c["delta"] for c in chunks[1:])
-    assert [c["finish_reason"] for c in chunks] == [None, None, None, None, "length"]
-
-
-_release = threading.Event()
-
-
-async def _accepted_then_held(req: GenerateRequest) -> AsyncIterator[EngineOutput]:
-    # A worker took the request; its tokens come only once the test has read the headers.
-    yield acceptance(req.request_id)
-    while not _release.is_set():
-        await asyncio.sleep(0.005)
-    yield EngineOutput(req.request_id, [300], num_prompt_tokens=5)
-    yield EngineOutput(req.request_id, [301], finish_reason="length", num_prompt_tokens=5)
-
-
-@pytest.mark.parametrize("fake_server", [(_accepted_then_held,)], indirect=True)
-def test_the_stream_opens_when_a_worker_accepts_before_its_first_token(
-    fake_server: tuple[ThreadedServer, FakeBackend],
-) -> None:
-    server, _ = fake_server
-    _release.clear()
-    with httpx.Client(timeout=5) as http:
-        with http.stream("POST", server.url + "/v1/chat/completions", json={**BASE, "stream": True}) as resp:
-            # Status and headers are here while the backend still holds every token.
-            assert resp.status_code == 200
-            assert resp.headers["content-type"].startswith("text/event-stream")
-            _release.set()
-            text = resp.read().decode()
-    events = [line[6:] for line in text.split("\n\n") if line.startswith("data: ")]
-    assert events[-1] == "[DONE]"
-    chunks = [json.loads(e)["choices"][0] for e in events[:-1]]
-    assert len(chunks) == 2 and chunks[0]["delta"]["role"] == "assistant"  # the acceptance adds no event
-    assert [c["finish_reason"] for c in chunks] == [None, "length"]
-    body = _post(server, "/v1/chat/completions", BASE, timeout=5).json()
-    assert body["usage"]["completion_tokens"] == 2 and body["choices"][0]["finish_reason"] == "length"
-
-
-def _crash(req: GenerateRequest) -> AsyncIterator[EngineOutput]:
-    raise RuntimeError("backend bug")
-
-
-@pytest.mark.parametrize("fake_server", [(_crash,)], indirect=True)
-def test_backend_crash_is_a_500_in_openai_shape(fake_server: tuple[ThreadedServer, FakeBackend]) -> None:
-    # The generation routes bypass FastAPI's exception handlers; a crash must still be a clean 500.
-    server, _ = fake_server
-    for path in ("/v1/chat/completions", "/v1/completions"):
-        body = BASE if "chat" in path else {"model": MODEL, "prompt": "hi"}
-        resp = _post(server, path, body, timeout=5)
-        assert resp.status_code == 500 and resp.json()["error"]["code"] == "internal_error"
-    assert httpx.get(server.url + "/v1/chat/completions").status_code == 405
