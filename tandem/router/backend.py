@@ -13,7 +13,8 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import aclosing
 from functools import partial
 
 import msgspec
@@ -24,7 +25,7 @@ from tandem.protocol.errors import ModelNotFoundError, OverloadedError, WorkerLo
 from tandem.protocol.messages import EngineOutput, GenerateRequest
 from tandem.protocol.registry import WorkerInfo
 from tandem.protocol.rpc import GenerateCall, merge_outputs
-from tandem.router.admission import AdmissionQueues
+from tandem.router.admission import AdmissionQueue, AdmissionQueues
 from tandem.router.basic import Policy, make_policy
 from tandem.router.disagg import DisaggPolicy
 from tandem.router.disagg_metrics import DisaggMetrics
@@ -84,14 +85,19 @@ class RouterBackend:
         )
         if mode == "refuse":
             raise OverloadedError(f"no live prefill worker for {req.model!r} and disaggregation is enforced")
+        # `aclosing`: a caller that stops at the finish (the frontend) or leaves early closes the
+        # inner stream now, not when the garbage collector gets to it.
         if mode == "local":
-            async for out in self._stream(req, partial(self._decode_candidates, req.model), "decode"):
-                yield out
+            local = self._stream(req, partial(self._decode_candidates, req.model), "decode")
+            async with aclosing(local):
+                async for out in local:
+                    yield out
             return
-        async for out in self._disaggregated(req):
-            yield out
+        async with aclosing(self._disaggregated(req)) as disaggregated:
+            async for out in disaggregated:
+                yield out
 
-    async def _disaggregated(self, req: GenerateRequest) -> AsyncIterator[EngineOutput]:
+    async def _disaggregated(self, req: GenerateRequest) -> AsyncGenerator[EngineOutput, None]:
         """Prefill on a prefill worker (one token, KV held), then decode where the KV is pulled."""
         prefill_req = msgspec.structs.replace(
             req,
@@ -103,11 +109,12 @@ class RouterBackend:
         first: EngineOutput | None = None
         sent = time.perf_counter()
         try:
-            async for out in self._stream(prefill_req, prefill_workers, "prefill"):
-                if out.is_acceptance:
-                    yield out  # a prefill worker has it: the frontend may open its stream
-                    continue
-                first = out if first is None else merge_outputs(first, out)
+            async with aclosing(self._stream(prefill_req, prefill_workers, "prefill")) as prefill:
+                async for out in prefill:
+                    if out.is_acceptance:
+                        yield out  # a prefill worker has it: the frontend may open its stream
+                        continue
+                    first = out if first is None else merge_outputs(first, out)
         except (OverloadedError, WorkerLostError) as e:
             if self.disagg.enforce:
                 raise
@@ -116,8 +123,9 @@ class RouterBackend:
             log.warning(
                 "request %s: remote prefill failed (%s); prefilling on a decode worker", req.request_id, e
             )
-            async for out in self._stream(req, decode_workers, "decode"):
-                yield out
+            async with aclosing(self._stream(req, decode_workers, "decode")) as fallback:
+                async for out in fallback:
+                    yield out
             return
         assert first is not None and first.finish_reason is not None, "a stream ends with a finish reason"
         self.disagg_metrics.prefill.observe(time.perf_counter() - sent)
@@ -141,15 +149,16 @@ class RouterBackend:
                 num_cached_tokens=cached,
             )
             sent = time.perf_counter()
-            async for out in self._stream(decode_req, decode_workers, "decode"):
-                if out.is_acceptance:  # the stream is open already
-                    continue
-                if sent:
-                    self.disagg_metrics.handoff.observe(time.perf_counter() - sent)
-                    sent = 0.0
-                out.num_cached_tokens = cached  # the client's cache hit is the prefill side's
-                finished = out.finish_reason is not None
-                yield out
+            async with aclosing(self._stream(decode_req, decode_workers, "decode")) as decode:
+                async for out in decode:
+                    if out.is_acceptance:  # the stream is open already
+                        continue
+                    if sent:
+                        self.disagg_metrics.handoff.observe(time.perf_counter() - sent)
+                        sent = 0.0
+                    out.num_cached_tokens = cached  # the client's cache hit is the prefill side's
+                    finished = out.finish_reason is not None
+                    yield out
         finally:
             if not finished:
                 # The client left or the decode side failed, maybe before the KV was pulled: free
@@ -158,7 +167,7 @@ class RouterBackend:
 
     async def _stream(
         self, req: GenerateRequest, candidates_of: Callable[[], list[WorkerInfo]], pool: str
-    ) -> AsyncIterator[EngineOutput]:
+    ) -> AsyncGenerator[EngineOutput, None]:
         """Stream from one worker the policy picks among `candidates_of()` (the `pool`'s workers);
         retry elsewhere while no output has flowed."""
         tried: set[str] = set()
@@ -187,6 +196,7 @@ class RouterBackend:
             tried.add(chosen)
             started = False
             self.in_flight[chosen] += 1
+            counted = True
             try:
                 stream = await self.pool.open(worker.address, GenerateCall(req))
                 async with stream:
@@ -204,6 +214,13 @@ class RouterBackend:
                                 self._on_first(req.request_id)
                             if admission is not None:
                                 admission.notify()  # its prefill is done: queued tokens fell
+                        if out.finish_reason is not None:
+                            # Out of the counts before the client sees its end: the caller may
+                            # never ask for more, and the client's next request must not be routed
+                            # against this one (in a closed loop that put 9 and 7 requests on two
+                            # workers, and split the batches each engine had kept together).
+                            counted = False
+                            self._uncount(req.request_id, chosen, admission)
                         yield out
                 return
             except (WorkerLostError, OverloadedError) as e:
@@ -217,16 +234,21 @@ class RouterBackend:
                 )
                 last_error = e
             finally:
-                if self._on_finish is not None:
-                    self._on_finish(req.request_id)
-                self.in_flight[chosen] -= 1
-                if self.in_flight[chosen] <= 0:
-                    del self.in_flight[chosen]
-                if admission is not None:
-                    admission.notify()
+                if counted:
+                    self._uncount(req.request_id, chosen, admission)
         if last_error is None and not self._known(req.model):
             raise ModelNotFoundError(f"the model {req.model!r} does not exist")
         raise OverloadedError(f"no live worker can serve {req.model!r} now") from last_error
+
+    def _uncount(self, request_id: str, worker_id: str, admission: AdmissionQueue | None) -> None:
+        """A request has left `worker_id`: off the policy's and the router's load counts."""
+        if self._on_finish is not None:
+            self._on_finish(request_id)
+        self.in_flight[worker_id] -= 1
+        if self.in_flight[worker_id] <= 0:
+            del self.in_flight[worker_id]
+        if admission is not None:
+            admission.notify()
 
     async def close(self) -> None:
         close = getattr(self.policy, "close", None)

@@ -112,6 +112,30 @@ async def test_least_loaded_trusts_its_own_count_over_a_stale_report(model_dir: 
         await w.stop()
 
 
+async def test_a_request_leaves_the_load_counts_before_its_caller_has_the_end(model_dir: Path) -> None:
+    # The frontend stops reading at the finish output and writes the client's last chunk; a closed
+    # loop's next request can be routed right after. It must not count the finished one as load.
+    d = MemoryDiscovery()
+    workers = await _start(model_dir, d, 2)
+    backend = RouterBackend(d, "least-loaded")
+    gen = backend.generate(_req("a", n=3))
+    out = await next_output(gen)
+    assert dict(backend.in_flight) == {"w0": 1}
+    while out.finish_reason is None:
+        out = await anext(gen)
+    assert not backend.in_flight  # the generator has not been asked for more, nor closed
+    await gen.aclose()
+    # A caller that leaves mid-stream takes the request off the counts as it closes the stream.
+    left = backend.generate(_req("b", n=10_000))
+    await next_output(left)
+    assert dict(backend.in_flight) == {"w0": 1}
+    await left.aclose()
+    assert not backend.in_flight
+    await backend.close()
+    for w in workers:
+        await w.stop()
+
+
 async def test_cancel_mid_stream_frees_kv(model_dir: Path) -> None:
     d = MemoryDiscovery()
     (w,) = await _start(model_dir, d, 1)
