@@ -70,6 +70,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="workers: while decoding, batch new prompts into one prefill step (vLLM's knob)",
     )
     p.add_argument(
+        "--regroup-steps",
+        type=float,
+        default=None,
+        help="workers: when idle, hold new prompts so a batch that ended together prefills together "
+        "(at most this many decode-step times; default 3, 0: off)",
+    )
+    p.add_argument(
         "--registry-port",
         type=int,
         default=0,

@@ -49,6 +49,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=0.0,
         help="while decoding, hold new prompts until the oldest waited this many prompt-step times",
     )
+    p.add_argument(
+        "--regroup-steps",
+        type=float,
+        default=EngineConfig.regroup_steps,
+        help="when idle, hold new prompts until as many arrived as requests just finished, at most "
+        "this many decode-step times (0: off)",
+    )
     p.add_argument("--lease-ttl", type=float, default=3.0, help="seconds without heartbeat before expiry")
     p.add_argument("--drain-timeout", type=float, default=30.0)
     p.add_argument(
@@ -78,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
             max_num_batched_tokens=args.max_num_batched_tokens,
             max_model_len=args.max_model_len,
             scheduler_delay_factor=args.scheduler_delay_factor,
+            regroup_steps=args.regroup_steps,
         ),
         dtype=args.dtype,
         device=args.device,

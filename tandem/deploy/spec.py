@@ -29,6 +29,7 @@ ENGINE_ARGS = (
     "max_num_batched_tokens",
     "max_model_len",
     "scheduler_delay_factor",
+    "regroup_steps",
 )
 
 

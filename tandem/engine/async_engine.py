@@ -132,11 +132,15 @@ class AsyncEngine:
     def _run(self) -> None:
         core = self.core
         while True:
-            # Block on the inbox when idle; poll every few ms while only transfers are in flight.
+            # Block on the inbox when idle; poll every few ms while only transfers are in flight;
+            # wake when the scheduler lets held prompts start (or at the next arrival).
             timeout: float | None = None
             block = not core.has_runnable() or core.last_step_idle
             if block and (core.has_pending_transfers() or core.last_step_idle):
                 timeout = TRANSFER_POLL_S
+                held = core.seconds_held() if core.last_step_idle else None
+                if held is not None:
+                    timeout = min(timeout, held) if core.has_pending_transfers() else held
             try:
                 while True:
                     msg = self._inbox.get(block=block, timeout=timeout)

@@ -34,6 +34,13 @@ class EngineConfig:
     this many times the last prompt step's duration (vLLM's `--scheduler-delay-factor`). Arrivals
     then share one prefill step instead of each stretching a decode step: lower ITL under load, for
     a bounded TTFT cost. 0: admit at once."""
+    regroup_steps: float = 3.0
+    """When nothing is decoding, hold new prompts while fewer have arrived than requests finished
+    lately, at most this many times the last decode step's duration (finishes count if they came
+    within as long before the oldest waiting prompt). A closed loop's clients send their next
+    requests as their last ones end, and a frontend takes them in one by one over a few ms: started
+    at once, the first would prefill alone, the rest would wait a whole prefill step behind it, and
+    a batch that ended together would not prefill together again. 0: start at once."""
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -48,3 +55,5 @@ class EngineConfig:
             raise ValueError("long_prefill_token_threshold must be >= 0")
         if not 0 <= self.scheduler_delay_factor <= 100:
             raise ValueError(f"scheduler_delay_factor must be in [0, 100], got {self.scheduler_delay_factor}")
+        if not 0 <= self.regroup_steps <= 100:
+            raise ValueError(f"regroup_steps must be in [0, 100], got {self.regroup_steps}")

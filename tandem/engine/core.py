@@ -157,6 +157,11 @@ class EngineCore:
         s = self.scheduler
         return bool(s.waiting_for_kv or s.held or s.loads_to_drop)
 
+    def seconds_held(self) -> float | None:
+        """How long the scheduler holds waiting prompts still (`regroup_steps`): None if it does not."""
+        until = self.scheduler.held_until
+        return None if until is None else max(0.0, until - self.clock())
+
     def step(self) -> list[EngineOutput]:
         sched = self.scheduler.schedule()
         if self.connector_worker is not None:

@@ -67,6 +67,13 @@ class Scheduler:
         self._last_step_time: float | None = None
         self._last_step_admitted = False
         self._last_prompt_seconds = 0.0
+        self._last_decode_seconds = 0.0
+        """The executor's duration of the last step that computed no prompt tokens (`regroup_steps`)."""
+        self._step_prefills = False
+        self._finish_times: deque[float] = deque()
+        """When recent requests finished, oldest first (`regroup_steps`)."""
+        self.held_until: float | None = None
+        """Set when the last `schedule` held prompts back to regroup them: when it lets them start."""
 
     @property
     def num_unfinished(self) -> int:
@@ -141,6 +148,7 @@ class Scheduler:
         if prefills:
             self.prefill_steps += 1
             self.prefill_requests_total += prefills
+        self._step_prefills = bool(prefills)
 
         out.num_batched_tokens = self.config.max_num_batched_tokens - budget
         out.preempted_request_ids = preempted
@@ -150,6 +158,34 @@ class Scheduler:
         return out
 
     def _prompts_may_start(self) -> bool:
+        """The delay factor's gate while requests decode, the regroup hold while none do."""
+        self.held_until = None
+        if not self._delay_gate_open():
+            return False
+        return bool(self.running) or self._regroup_open()
+
+    def _regroup_open(self) -> bool:
+        """Nothing decodes: open once as many prompts have arrived as requests finished within the
+        limit before the oldest of them, or once that one has waited the limit (`regroup_steps` x
+        the last decode step; see EngineConfig)."""
+        limit = self.config.regroup_steps * self._last_decode_seconds
+        if not limit or not self.waiting or not self._finish_times:
+            return True
+        until = min(r.arrival_time for r in self.waiting) + limit
+        now = self._clock()
+        if now >= until:
+            return True
+        since = until - 2 * limit  # the oldest waiting arrival - limit
+        expected = sum(1 for t in self._finish_times if t >= since)
+        if not expected:
+            return True
+        first = next(t for t in self._finish_times if t >= since)
+        if sum(1 for r in self.waiting if r.arrival_time >= first) >= expected:
+            return True
+        self.held_until = until
+        return False
+
+    def _delay_gate_open(self) -> bool:
         """The delay factor's gate (always open when it is 0 or nothing is decoding)."""
         factor = self.config.scheduler_delay_factor
         if not factor:
@@ -230,6 +266,9 @@ class Scheduler:
         """Apply a step's results: advance counts, append sampled tokens, stop and free requests."""
         outputs, self._aborted_outputs = self._aborted_outputs, []
         now = self._clock() if sched.scheduled else 0.0
+        regroup = self.config.regroup_steps
+        if regroup and sched.scheduled and not self._step_prefills:
+            self._last_decode_seconds = result.step_seconds
         for item in sched.scheduled:
             req = item.request
             if req.status != RequestStatus.RUNNING:
@@ -248,7 +287,13 @@ class Scheduler:
             if stopped:
                 self.running.remove(req)
                 out.kv_transfer_params = self._finish(req)
+                if regroup and out.kv_transfer_params is None:  # not a prefill handed to a peer
+                    self._finish_times.append(now)
             outputs.append(out)
+        if regroup:  # keep what a hold may still count: finishes up to 2 limits back
+            horizon = 2 * regroup * self._last_decode_seconds
+            while self._finish_times and now - self._finish_times[0] > horizon:
+                self._finish_times.popleft()
         return outputs
 
     def process_finished_transfers(

@@ -32,7 +32,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from tandem.bench.traces import TraceRequest
 from tandem.engine.config import EngineConfig
@@ -91,10 +91,12 @@ class SimWorker:
         self.index = index
         self.clock = VirtualClock()
         """The executor's own clock; the fleet keeps time itself and only reads step durations."""
+        # No regroup hold: it times itself on the engine's clock, which here moves only with steps.
+        engine = replace(config.engine, regroup_steps=0.0)
         self.executor = SimExecutor(
-            None, config.engine, timing=config.timing, clock=self.clock, speedup=config.speedup
+            None, engine, timing=config.timing, clock=self.clock, speedup=config.speedup
         )
-        self.core = EngineCore(config.engine, self.executor)
+        self.core = EngineCore(engine, self.executor)
         self.num_active = 0
         """Requests routed here and not finished."""
         self.busy = False

@@ -26,7 +26,7 @@ import heapq
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tandem.bench.traces import TraceRequest
@@ -141,7 +141,9 @@ class PDWorker:
         self.index = index
         self.prefill = prefill
         self.link = SimKVLink()
-        # The executor's own clock: the fleet keeps time and only reads step durations.
+        # The executor's own clock: the fleet keeps time and only reads step durations. No regroup
+        # hold: it times itself on that clock, which moves only with steps.
+        engine = replace(engine, regroup_steps=0.0)
         self.executor = SimExecutor(None, engine, timing=timing, clock=VirtualClock())
         self.core = EngineCore(engine, self.executor, connector=(self.link, self.link))
         self.busy = False

@@ -1,0 +1,174 @@
+"""The regroup hold (`EngineConfig.regroup_steps`): when a batch that ended together comes back as
+new requests one by one, an idle engine prefills them in one step instead of starting the first
+alone."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tandem.engine.async_engine import AsyncEngine
+from tandem.engine.config import EngineConfig
+from tandem.engine.core import EngineCore
+from tandem.engine.executor import ExecutorOutput, SchedulerOutput
+from tandem.engine.request import SamplingParams
+from tandem.engines.sim.executor import SimExecutor
+from tandem.engines.sim.timing import StepShape
+from tandem.protocol.messages import GenerateRequest, SamplingSpec
+from tests.unit.engine.fakes import FakeExecutor
+
+TWO = SamplingParams(max_tokens=2, ignore_eos=True)  # a prefill step, then a decode step ends it
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def now(self) -> float:
+        return self.t
+
+
+class _TimedExecutor(FakeExecutor):
+    """Every step lasts 10 s on a clock the test moves (the scheduler reads the executor's clock)."""
+
+    def __init__(self) -> None:
+        super().__init__(64)
+        self.clock = _Clock()
+
+    def execute(self, out: SchedulerOutput) -> ExecutorOutput:
+        result = super().execute(out)
+        self.clock.t += 10.0
+        return ExecutorOutput(sampled=result.sampled, step_seconds=10.0)
+
+
+def _prompts_started(ex: FakeExecutor) -> list[str]:
+    return sorted(s.request.request_id for s in ex.steps[-1].scheduled if s.start == 0)
+
+
+def _finished_batch(steps: float = 0.5) -> tuple[EngineCore, _TimedExecutor]:
+    """An engine whose two requests have just finished in one step, at t=20 (hold limit: `steps` x
+    the 10 s decode step)."""
+    ex = _TimedExecutor()
+    core = EngineCore(EngineConfig(block_size=4, regroup_steps=steps), ex)
+    for rid in ("a", "b"):
+        core.add_request([1, 2, 3, 4, 5], TWO, request_id=rid)
+    core.step()  # t 0 -> 10: both prefill
+    done = core.step()  # t 10 -> 20: both decode their last token
+    assert {o.request_id for o in done if o.finish_reason} == {"a", "b"} and ex.clock.t == 20.0
+    return core, ex
+
+
+def test_replacements_that_arrive_one_by_one_prefill_together() -> None:
+    core, ex = _finished_batch()
+    ex.clock.t = 21.0
+    core.add_request([6, 7, 8], TWO, request_id="c")
+    steps = len(ex.steps)
+    assert core.step() == [] and len(ex.steps) == steps  # held: nothing ran
+    assert core.seconds_held() == pytest.approx(5.0)  # c may wait until 21 + 0.5 x 10 s
+    ex.clock.t = 23.0
+    core.add_request([9, 10, 11], TWO, request_id="d")
+    core.step()
+    assert _prompts_started(ex) == ["c", "d"]
+    assert core.seconds_held() is None
+
+
+def test_the_hold_ends_at_the_limit() -> None:
+    core, ex = _finished_batch()
+    ex.clock.t = 21.0
+    core.add_request([6, 7, 8], TWO, request_id="c")
+    ex.clock.t = 25.9
+    steps = len(ex.steps)
+    core.step()
+    assert len(ex.steps) == steps
+    ex.clock.t = 26.0  # c has waited 0.5 x the last decode step: it starts alone
+    core.step()
+    assert _prompts_started(ex) == ["c"]
+
+
+def test_the_hold_counts_from_the_first_arrival_not_from_now() -> None:
+    # c comes 4 s after the batch ended; by t=27 the finishes are 7 s old, past the limit, but c may
+    # still wait until 24 + 5, and d, late, joins it.
+    core, ex = _finished_batch()
+    ex.clock.t = 24.0
+    core.add_request([6, 7, 8], TWO, request_id="c")
+    ex.clock.t = 27.0
+    steps = len(ex.steps)
+    core.step()
+    assert len(ex.steps) == steps
+    ex.clock.t = 28.0
+    core.add_request([9, 10, 11], TWO, request_id="d")
+    core.step()
+    assert _prompts_started(ex) == ["c", "d"]
+
+
+def test_no_hold_without_reason() -> None:
+    # As many arrived as finished: start at once.
+    core, ex = _finished_batch()
+    ex.clock.t = 21.0
+    core.add_request([6, 7, 8], TWO, request_id="c")
+    core.add_request([9, 10, 11], TWO, request_id="d")
+    core.step()
+    assert _prompts_started(ex) == ["c", "d"]
+    # The finishes are older than the limit: nothing is expected any more.
+    core, ex = _finished_batch()
+    ex.clock.t = 25.5
+    core.add_request([6, 7, 8], TWO, request_id="c")
+    core.step()
+    assert _prompts_started(ex) == ["c"]
+    # Switched off.
+    core, ex = _finished_batch(steps=0.0)
+    ex.clock.t = 21.0
+    core.add_request([6, 7, 8], TWO, request_id="c")
+    core.step()
+    assert _prompts_started(ex) == ["c"]
+
+
+def test_no_hold_while_requests_decode() -> None:
+    ex = _TimedExecutor()
+    core = EngineCore(EngineConfig(block_size=4), ex)
+    core.add_request([1, 2, 3], SamplingParams(max_tokens=100, ignore_eos=True), request_id="long")
+    for rid in ("a", "b"):
+        core.add_request([1, 2, 3, 4, 5], TWO, request_id=rid)
+    core.step()
+    core.step()  # a and b end; long decodes on
+    core.add_request([6, 7, 8], TWO, request_id="c")
+    core.step()
+    assert _prompts_started(ex) == ["c"]  # the delay factor's business, off by default
+
+
+def test_regroup_steps_is_validated() -> None:
+    with pytest.raises(ValueError, match="regroup_steps"):
+        EngineConfig(regroup_steps=-0.1)
+
+
+class _FixedTiming:
+    def step_ms(self, shape: StepShape) -> float:
+        return 40.0
+
+
+def _generate(rid: str) -> GenerateRequest:
+    return GenerateRequest(rid, "m", [1, 2, 3, 4, 5], SamplingSpec(max_tokens=2, ignore_eos=True))
+
+
+async def test_engine_thread_waits_out_the_hold_and_merges_late_arrivals() -> None:
+    """Live: a real-clock simulated engine (40 ms steps; by default the hold lasts at most 3 of them)."""
+    config = EngineConfig(block_size=4, num_blocks=64)
+    engine = AsyncEngine(EngineCore(config, SimExecutor(None, config, timing=_FixedTiming())))
+
+    async def run(rid: str) -> int:
+        return sum([len(o.new_token_ids) async for o in engine.submit(_generate(rid))])
+
+    try:
+        assert await asyncio.gather(run("a"), run("b")) == [2, 2]
+        before = engine.stats
+        first = asyncio.ensure_future(run("c"))
+        await asyncio.sleep(0.005)  # the second replacement comes 5 ms after the first
+        assert await asyncio.gather(first, run("d")) == [2, 2]
+        after = engine.stats
+        assert after.prefill_steps - before.prefill_steps == 1
+        assert after.prefill_requests_total - before.prefill_requests_total == 2
+        # A lone replacement (the other never comes) starts once the hold is over.
+        assert await asyncio.wait_for(run("e"), 5.0) == 2
+    finally:
+        engine.shutdown()
