@@ -5,14 +5,16 @@ alone."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
 from tandem.engine.async_engine import AsyncEngine
 from tandem.engine.config import EngineConfig
+from tandem.engine.connector import ExternalMatch, FinishedTransfers, KVConnectorScheduler, KVConnectorWorker
 from tandem.engine.core import EngineCore
 from tandem.engine.executor import ExecutorOutput, SchedulerOutput
-from tandem.engine.request import SamplingParams
+from tandem.engine.request import Request, SamplingParams
 from tandem.engines.sim.executor import SimExecutor
 from tandem.engines.sim.timing import StepShape
 from tandem.protocol.messages import GenerateRequest, SamplingSpec
@@ -118,6 +120,52 @@ def test_no_hold_without_reason() -> None:
     assert _prompts_started(ex) == ["c"]
     # Switched off.
     core, ex = _finished_batch(steps=0.0)
+    ex.clock.t = 21.0
+    core.add_request([6, 7, 8], TWO, request_id="c")
+    core.step()
+    assert _prompts_started(ex) == ["c"]
+
+
+class _HandsOff(KVConnectorScheduler, KVConnectorWorker):
+    """A prefill side: every finished request's blocks are held for a peer (then read at once)."""
+
+    def __init__(self) -> None:
+        self.sending: set[str] = set()
+
+    def get_num_new_matched_tokens(self, request: Request, num_local_tokens: int) -> ExternalMatch:
+        return ExternalMatch()
+
+    def update_state_after_alloc(self, request: Request, block_ids: list[int], num_external: int) -> None:
+        pass
+
+    def build_meta(self) -> None:
+        return None
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any]]:
+        self.sending.add(request.request_id)
+        return True, {"blocks": list(block_ids)}
+
+    def start_load_kv(self, meta: Any) -> None:
+        pass
+
+    def save_kv(self, meta: Any) -> None:
+        pass
+
+    def get_finished(self) -> FinishedTransfers:
+        done, self.sending = self.sending, set()
+        return FinishedTransfers(sending=done)
+
+
+def test_requests_handed_to_a_peer_are_not_waited_for() -> None:
+    # A prefill worker's finished requests go on to a decode worker: no replacement follows them.
+    conn = _HandsOff()
+    ex = _TimedExecutor()
+    core = EngineCore(EngineConfig(block_size=4, regroup_steps=0.5), ex, connector=(conn, conn))
+    for rid in ("a", "b"):
+        core.add_request([1, 2, 3, 4, 5], TWO, request_id=rid)
+    core.step()
+    done = core.step()
+    assert all(o.kv_transfer_params for o in done)
     ex.clock.t = 21.0
     core.add_request([6, 7, 8], TWO, request_id="c")
     core.step()
