@@ -111,6 +111,7 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput(finished_request_ids=self._finished_ids)
+        self.held_until = None
         self._finished_ids = set()
         budget = self.config.max_num_batched_tokens
         preempted: set[str] = set()
@@ -159,7 +160,6 @@ class Scheduler:
 
     def _prompts_may_start(self) -> bool:
         """The delay factor's gate while requests decode, the regroup hold while none do."""
-        self.held_until = None
         if not self._delay_gate_open():
             return False
         return bool(self.running) or self._regroup_open()

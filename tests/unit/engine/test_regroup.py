@@ -61,30 +61,37 @@ def _finished_batch(steps: float = 0.5) -> tuple[EngineCore, _TimedExecutor]:
     return core, ex
 
 
+def _arrive(core: EngineCore, ex: _TimedExecutor, t: float, *rids: str) -> None:
+    ex.clock.t = t
+    for rid in rids:
+        core.add_request([6, 7, 8], TWO, request_id=rid)
+
+
+def _held(core: EngineCore, ex: _TimedExecutor) -> bool:
+    """One step; True if it ran nothing (the waiting prompts were held)."""
+    steps = len(ex.steps)
+    core.step()
+    return len(ex.steps) == steps
+
+
 def test_replacements_that_arrive_one_by_one_prefill_together() -> None:
     core, ex = _finished_batch()
-    ex.clock.t = 21.0
-    core.add_request([6, 7, 8], TWO, request_id="c")
-    steps = len(ex.steps)
-    assert core.step() == [] and len(ex.steps) == steps  # held: nothing ran
+    _arrive(core, ex, 21.0, "c")
+    assert _held(core, ex)
     assert core.seconds_held() == pytest.approx(5.0)  # c may wait until 21 + 0.5 x 10 s
-    ex.clock.t = 23.0
-    core.add_request([9, 10, 11], TWO, request_id="d")
-    core.step()
+    _arrive(core, ex, 23.0, "d")
+    assert not _held(core, ex)
     assert _prompts_started(ex) == ["c", "d"]
     assert core.seconds_held() is None
 
 
 def test_the_hold_ends_at_the_limit() -> None:
     core, ex = _finished_batch()
-    ex.clock.t = 21.0
-    core.add_request([6, 7, 8], TWO, request_id="c")
+    _arrive(core, ex, 21.0, "c")
     ex.clock.t = 25.9
-    steps = len(ex.steps)
-    core.step()
-    assert len(ex.steps) == steps
+    assert _held(core, ex)
     ex.clock.t = 26.0  # c has waited 0.5 x the last decode step: it starts alone
-    core.step()
+    assert not _held(core, ex)
     assert _prompts_started(ex) == ["c"]
 
 
@@ -92,38 +99,28 @@ def test_the_hold_counts_from_the_first_arrival_not_from_now() -> None:
     # c comes 4 s after the batch ended; by t=27 the finishes are 7 s old, past the limit, but c may
     # still wait until 24 + 5, and d, late, joins it.
     core, ex = _finished_batch()
-    ex.clock.t = 24.0
-    core.add_request([6, 7, 8], TWO, request_id="c")
+    _arrive(core, ex, 24.0, "c")
     ex.clock.t = 27.0
-    steps = len(ex.steps)
-    core.step()
-    assert len(ex.steps) == steps
-    ex.clock.t = 28.0
-    core.add_request([9, 10, 11], TWO, request_id="d")
-    core.step()
+    assert _held(core, ex)
+    _arrive(core, ex, 28.0, "d")
+    assert not _held(core, ex)
     assert _prompts_started(ex) == ["c", "d"]
 
 
 def test_no_hold_without_reason() -> None:
     # As many arrived as finished: start at once.
     core, ex = _finished_batch()
-    ex.clock.t = 21.0
-    core.add_request([6, 7, 8], TWO, request_id="c")
-    core.add_request([9, 10, 11], TWO, request_id="d")
-    core.step()
+    _arrive(core, ex, 21.0, "c", "d")
+    assert not _held(core, ex)
     assert _prompts_started(ex) == ["c", "d"]
     # The finishes are older than the limit: nothing is expected any more.
     core, ex = _finished_batch()
-    ex.clock.t = 25.5
-    core.add_request([6, 7, 8], TWO, request_id="c")
-    core.step()
-    assert _prompts_started(ex) == ["c"]
+    _arrive(core, ex, 25.5, "c")
+    assert not _held(core, ex)
     # Switched off.
     core, ex = _finished_batch(steps=0.0)
-    ex.clock.t = 21.0
-    core.add_request([6, 7, 8], TWO, request_id="c")
-    core.step()
-    assert _prompts_started(ex) == ["c"]
+    _arrive(core, ex, 21.0, "c")
+    assert not _held(core, ex)
 
 
 class _HandsOff(KVConnectorScheduler, KVConnectorWorker):
@@ -166,10 +163,8 @@ def test_requests_handed_to_a_peer_are_not_waited_for() -> None:
     core.step()
     done = core.step()
     assert all(o.kv_transfer_params for o in done)
-    ex.clock.t = 21.0
-    core.add_request([6, 7, 8], TWO, request_id="c")
-    core.step()
-    assert _prompts_started(ex) == ["c"]
+    _arrive(core, ex, 21.0, "c")
+    assert not _held(core, ex)
 
 
 def test_no_hold_while_requests_decode() -> None:
