@@ -74,7 +74,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         type=float,
         default=None,
         help="workers: when idle, hold new prompts so a batch that ended together prefills together "
-        "(at most this many decode-step times; default 3, 0: off)",
+        "(at most this many decode-step times; default 2, 0: off)",
     )
     p.add_argument(
         "--registry-port",

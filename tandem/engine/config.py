@@ -34,7 +34,7 @@ class EngineConfig:
     this many times the last prompt step's duration (vLLM's `--scheduler-delay-factor`). Arrivals
     then share one prefill step instead of each stretching a decode step: lower ITL under load, for
     a bounded TTFT cost. 0: admit at once."""
-    regroup_steps: float = 3.0
+    regroup_steps: float = 2.0
     """When nothing is decoding, hold new prompts while fewer have arrived than requests finished
     lately, at most this many times the last decode step's duration (finishes count if they came
     within as long before the oldest waiting prompt). A closed loop's clients send their next

@@ -195,7 +195,7 @@ def _generate(rid: str) -> GenerateRequest:
 
 
 async def test_engine_thread_waits_out_the_hold_and_merges_late_arrivals() -> None:
-    """Live: a real-clock simulated engine (40 ms steps; by default the hold lasts at most 3 of them)."""
+    """Live: a real-clock simulated engine (40 ms steps; by default the hold lasts at most 2 of them)."""
     config = EngineConfig(block_size=4, num_blocks=64)
     engine = AsyncEngine(EngineCore(config, SimExecutor(None, config, timing=_FixedTiming())))
 
