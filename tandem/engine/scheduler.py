@@ -171,18 +171,13 @@ class Scheduler:
         limit = self.config.regroup_steps * self._last_decode_seconds
         if not limit or not self.waiting or not self._finish_times:
             return True
-        until = min(r.arrival_time for r in self.waiting) + limit
-        now = self._clock()
-        if now >= until:
+        oldest = min(r.arrival_time for r in self.waiting)
+        if self._clock() >= oldest + limit:
             return True
-        since = until - 2 * limit  # the oldest waiting arrival - limit
-        expected = sum(1 for t in self._finish_times if t >= since)
-        if not expected:
+        finished = [t for t in self._finish_times if t >= oldest - limit]
+        if not finished or sum(1 for r in self.waiting if r.arrival_time >= finished[0]) >= len(finished):
             return True
-        first = next(t for t in self._finish_times if t >= since)
-        if sum(1 for r in self.waiting if r.arrival_time >= first) >= expected:
-            return True
-        self.held_until = until
+        self.held_until = oldest + limit
         return False
 
     def _delay_gate_open(self) -> bool:

@@ -88,8 +88,8 @@ class RouterBackend:
         # `aclosing`: a caller that stops at the finish (the frontend) or leaves early closes the
         # inner stream now, not when the garbage collector gets to it.
         if mode == "local":
-            local = self._stream(req, partial(self._decode_candidates, req.model), "decode")
-            async with aclosing(local):
+            candidates_of = partial(self._decode_candidates, req.model)
+            async with aclosing(self._stream(req, candidates_of, "decode")) as local:
                 async for out in local:
                     yield out
             return
