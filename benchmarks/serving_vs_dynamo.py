@@ -45,8 +45,10 @@ ENGINE = {"block_size": 64, "num_blocks": 16384, "max_num_seqs": 256, "max_num_b
 COUNTS = {1: {1: (150, 4), 16: (320, 32), 64: (1280, 128)}}
 STRESS_COUNTS = {1: (1500, 100), 16: (4000, 200), 64: (6000, 300)}
 TANDEM_SYSTEMS = {"tandem-rr": "round-robin", "tandem-ll": "least-loaded", "tandem-kv": "kv"}
-"""Tandem rows by name -> the router policy they run. A suffix `:dF` (e.g. `tandem-rr:d0.5`) runs
-the workers with `--scheduler-delay-factor F`."""
+"""Tandem rows by name -> the router policy they run. Suffixes set worker flags, so variants share a
+run: `:dF` `--scheduler-delay-factor F` (e.g. `tandem-rr:d0.5`), `:rN` `--regroup-steps N`, `:wN`
+`--regroup-window-steps N` (e.g. `tandem-ll:r2:w6`)."""
+VARIANT_FLAGS = {"d": "--scheduler-delay-factor", "r": "--regroup-steps", "w": "--regroup-window-steps"}
 SLOW_STOCK_C1 = 5  # stock Dynamo waits ~40 ms per chunk on Nagle at c=1: fewer requests, same shape
 
 
@@ -84,7 +86,7 @@ class Deployment:
 
 
 def start_tandem(args: argparse.Namespace, speedup: float, name: str, logdir: Path) -> Deployment:
-    base, _, delay = name.partition(":d")
+    base, *variants = name.split(":")
     router = TANDEM_SYSTEMS[base]
     cmd = [str(REPO / ".venv/bin/tandem"), "--log-level", "WARNING", "serve", "--model", args.model]
     cmd += ["--served-model-name", "tiny", "--engine", "sim", "--workers", str(args.workers)]
@@ -92,9 +94,11 @@ def start_tandem(args: argparse.Namespace, speedup: float, name: str, logdir: Pa
     cmd += ["--speedup", str(speedup), "--router", router]
     for k, v in ENGINE.items():
         cmd += [f"--{k.replace('_', '-')}", str(v)]
-    if delay:
-        cmd += ["--scheduler-delay-factor", delay]
-    log = open(logdir / f"tandem-{router}-{delay or 0}-{speedup:g}.log", "w")
+    for v in variants:
+        if v[:1] not in VARIANT_FLAGS:
+            raise SystemExit(f"unknown variant {v!r} in {name!r} (known: {sorted(VARIANT_FLAGS)})")
+        cmd += [VARIANT_FLAGS[v[0]], v[1:]]
+    log = open(logdir / f"tandem-{router}-{'-'.join(variants) or 'default'}-{speedup:g}.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     return Deployment(name, {"frontend": proc}, f"http://127.0.0.1:{args.port}")
 

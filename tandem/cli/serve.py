@@ -63,6 +63,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--block-size", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=None)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--max-model-len", type=int, default=None, help="workers: longest prompt + output")
     p.add_argument(
         "--scheduler-delay-factor",
         type=float,
@@ -75,6 +76,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="workers: when idle, hold new prompts so a batch that ended together prefills together "
         "(at most this many decode-step times; default 2, 0: off)",
+    )
+    p.add_argument(
+        "--regroup-window-steps",
+        type=float,
+        default=None,
+        help="workers: finishes this many decode-step times before a new prompt count for the "
+        "regroup hold (default 2)",
     )
     p.add_argument(
         "--registry-port",

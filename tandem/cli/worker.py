@@ -56,6 +56,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="when idle, hold new prompts until as many arrived as requests just finished, at most "
         "this many decode-step times (0: off)",
     )
+    p.add_argument(
+        "--regroup-window-steps",
+        type=float,
+        default=EngineConfig.regroup_window_steps,
+        help="requests that finished at most this many decode-step times before a new prompt count "
+        "as ones whose replacements may still come (see --regroup-steps)",
+    )
     p.add_argument("--lease-ttl", type=float, default=3.0, help="seconds without heartbeat before expiry")
     p.add_argument("--drain-timeout", type=float, default=30.0)
     p.add_argument(
@@ -78,15 +85,7 @@ def run(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         role=args.role,
-        engine_config=EngineConfig(
-            block_size=args.block_size,
-            num_blocks=args.num_blocks,
-            max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=args.max_num_batched_tokens,
-            max_model_len=args.max_model_len,
-            scheduler_delay_factor=args.scheduler_delay_factor,
-            regroup_steps=args.regroup_steps,
-        ),
+        engine_config=engine_config_from_args(args),
         dtype=args.dtype,
         device=args.device,
         speedup=args.speedup,
@@ -95,6 +94,20 @@ def run(args: argparse.Namespace) -> int:
         kv_hold_timeout=args.kv_hold_timeout,
     )
     return run_event_loop(serve_worker(config, args.registry))
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    """The engine flags (one per `tandem.deploy.spec.ENGINE_ARGS` key) as an EngineConfig."""
+    return EngineConfig(
+        block_size=args.block_size,
+        num_blocks=args.num_blocks,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+        scheduler_delay_factor=args.scheduler_delay_factor,
+        regroup_steps=args.regroup_steps,
+        regroup_window_steps=args.regroup_window_steps,
+    )
 
 
 def freeze_startup_heap() -> None:

@@ -30,6 +30,7 @@ ENGINE_ARGS = (
     "max_model_len",
     "scheduler_delay_factor",
     "regroup_steps",
+    "regroup_window_steps",
 )
 
 

@@ -36,11 +36,17 @@ class EngineConfig:
     a bounded TTFT cost. 0: admit at once."""
     regroup_steps: float = 2.0
     """When nothing is decoding, hold new prompts while fewer have arrived than requests finished
-    lately, at most this many times the last decode step's duration (finishes count if they came
-    within as long before the oldest waiting prompt). A closed loop's clients send their next
-    requests as their last ones end, and a frontend takes them in one by one over a few ms: started
-    at once, the first would prefill alone, the rest would wait a whole prefill step behind it, and
-    a batch that ended together would not prefill together again. 0: start at once."""
+    lately (see `regroup_window_steps`), at most this many times the last decode step's duration.
+    A closed loop's clients send their next requests as their last ones end, and a frontend takes
+    them in one by one over a few ms: started at once, the first would prefill alone, the rest would
+    wait a whole prefill step behind it, and a batch that ended together would not prefill together
+    again. 0: start at once."""
+    regroup_window_steps: float = 2.0
+    """Finishes count for the regroup hold if they came at most this many times the last decode
+    step's duration before the oldest waiting prompt: how long a client and the frontend may take to
+    bring a finished request's replacement in. Here a c=16 replacement sometimes came 14 ms after
+    its batch ended (past 2 steps, 11.6 ms); a window of 6 then regrouped it, but also held c=64's
+    first replacements, whose batch comes in over 20-60 ms (docs/benchmarks.md, session 14)."""
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -57,3 +63,5 @@ class EngineConfig:
             raise ValueError(f"scheduler_delay_factor must be in [0, 100], got {self.scheduler_delay_factor}")
         if not 0 <= self.regroup_steps <= 100:
             raise ValueError(f"regroup_steps must be in [0, 100], got {self.regroup_steps}")
+        if not 0 <= self.regroup_window_steps <= 100:
+            raise ValueError(f"regroup_window_steps must be in [0, 100], got {self.regroup_window_steps}")

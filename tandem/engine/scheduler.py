@@ -20,6 +20,7 @@ from tandem.engine.config import EngineConfig
 from tandem.engine.connector import ExternalMatch, KVConnectorScheduler
 from tandem.engine.executor import ExecutorOutput, ScheduledRequest, SchedulerOutput
 from tandem.engine.phases import RequestPhases
+from tandem.engine.regroup import RegroupHold
 from tandem.engine.request import Request, RequestStatus
 from tandem.kvcache.manager import NO_HIT, KVCacheManager
 from tandem.protocol.messages import EngineOutput
@@ -67,11 +68,8 @@ class Scheduler:
         self._last_step_time: float | None = None
         self._last_step_admitted = False
         self._last_prompt_seconds = 0.0
-        self._last_decode_seconds = 0.0
-        """The executor's duration of the last step that computed no prompt tokens (`regroup_steps`)."""
+        self.regroup = RegroupHold(config.regroup_steps, config.regroup_window_steps)
         self._step_prefills = False
-        self._finish_times: deque[float] = deque()
-        """When recent requests finished, oldest first (`regroup_steps`)."""
         self.held_until: float | None = None
         """Set when the last `schedule` held prompts back to regroup them: when it lets them start."""
 
@@ -165,20 +163,9 @@ class Scheduler:
         return bool(self.running) or self._regroup_open()
 
     def _regroup_open(self) -> bool:
-        """Nothing decodes: open once as many prompts have arrived as requests finished within the
-        limit before the oldest of them, or once that one has waited the limit (`regroup_steps` x
-        the last decode step; see EngineConfig)."""
-        limit = self.config.regroup_steps * self._last_decode_seconds
-        if not limit or not self.waiting or not self._finish_times:
-            return True
-        oldest = min(r.arrival_time for r in self.waiting)
-        if self._clock() >= oldest + limit:
-            return True
-        finished = [t for t in self._finish_times if t >= oldest - limit]
-        if not finished or sum(1 for r in self.waiting if r.arrival_time >= finished[0]) >= len(finished):
-            return True
-        self.held_until = oldest + limit
-        return False
+        """Nothing decodes: the regroup hold's call (`RegroupHold`; see EngineConfig.regroup_steps)."""
+        self.held_until = self.regroup.until([r.arrival_time for r in self.waiting], self._clock())
+        return self.held_until is None
 
     def _delay_gate_open(self) -> bool:
         """The delay factor's gate (always open when it is 0 or nothing is decoding)."""
@@ -261,9 +248,9 @@ class Scheduler:
         """Apply a step's results: advance counts, append sampled tokens, stop and free requests."""
         outputs, self._aborted_outputs = self._aborted_outputs, []
         now = self._clock() if sched.scheduled else 0.0
-        regroup = self.config.regroup_steps
+        regroup = self.regroup.enabled
         if regroup and sched.scheduled and not self._step_prefills:
-            self._last_decode_seconds = result.step_seconds
+            self.regroup.decode_step(result.step_seconds)
         for item in sched.scheduled:
             req = item.request
             if req.status != RequestStatus.RUNNING:
@@ -283,12 +270,10 @@ class Scheduler:
                 self.running.remove(req)
                 out.kv_transfer_params = self._finish(req)
                 if regroup and out.kv_transfer_params is None:  # not a prefill handed to a peer
-                    self._finish_times.append(now)
+                    self.regroup.finished(now)
             outputs.append(out)
-        if regroup:  # keep what a hold may still count: finishes up to 2 limits back
-            horizon = 2 * regroup * self._last_decode_seconds
-            while self._finish_times and now - self._finish_times[0] > horizon:
-                self._finish_times.popleft()
+        if regroup:
+            self.regroup.forget_before(now)
         return outputs
 
     def process_finished_transfers(

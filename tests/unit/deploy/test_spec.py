@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from tandem.cli import worker
 from tandem.cli.serve import spec_from_args
-from tandem.deploy.spec import DeploymentSpec, PoolSpec
+from tandem.deploy.spec import ENGINE_ARGS, DeploymentSpec, PoolSpec
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 
@@ -121,3 +122,28 @@ def test_busy_limits_and_wait_queue_from_yaml_and_flags() -> None:
     assert spec.queue_size == 16 and spec.queue_timeout == 30.0
     no_queue = spec_from_args(_serve_args("--model", "m", "--router", "kv", "--router-busy-threshold", "0.5"))
     assert no_queue.queue_size == 0, "a busy limit alone sheds with 503"
+
+
+def test_every_engine_arg_reaches_the_workers_engine() -> None:
+    # A deployment's engine_args become `tandem worker` flags, and each flag its EngineConfig field.
+    values: dict[str, float] = {
+        "block_size": 32,
+        "num_blocks": 123,
+        "max_num_seqs": 7,
+        "max_num_batched_tokens": 999,
+        "max_model_len": 512,
+        "scheduler_delay_factor": 0.5,
+        "regroup_steps": 1.5,
+        "regroup_window_steps": 4.0,
+    }
+    assert set(values) == set(ENGINE_ARGS)
+    parser = argparse.ArgumentParser()
+    worker.add_parser(parser.add_subparsers())
+    flags = PoolSpec(engine="sim", engine_args=values).worker_args()
+    ns = parser.parse_args(["worker", "--model", "m", *flags])
+    config = worker.engine_config_from_args(ns)
+    assert {k: getattr(config, k) for k in values} == values
+    # And `tandem serve`'s flags fill the engine_args.
+    serve_flags = [x for k, v in values.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+    serve_ns = _serve_args("--model", "m", *serve_flags)
+    assert spec_from_args(serve_ns).pools[0].engine_args == values

@@ -48,11 +48,11 @@ def _prompts_started(ex: FakeExecutor) -> list[str]:
     return sorted(s.request.request_id for s in ex.steps[-1].scheduled if s.start == 0)
 
 
-def _finished_batch(steps: float = 0.5) -> tuple[EngineCore, _TimedExecutor]:
+def _finished_batch(steps: float = 0.5, window: float = 1.0) -> tuple[EngineCore, _TimedExecutor]:
     """An engine whose two requests have just finished in one step, at t=20 (hold limit: `steps` x
-    the 10 s decode step)."""
+    the 10 s decode step; finishes count up to `window` x 10 s before the oldest waiting prompt)."""
     ex = _TimedExecutor()
-    core = EngineCore(EngineConfig(block_size=4, regroup_steps=steps), ex)
+    core = EngineCore(EngineConfig(block_size=4, regroup_steps=steps, regroup_window_steps=window), ex)
     for rid in ("a", "b"):
         core.add_request([1, 2, 3, 4, 5], TWO, request_id=rid)
     core.step()  # t 0 -> 10: both prefill
@@ -107,15 +107,27 @@ def test_the_hold_counts_from_the_first_arrival_not_from_now() -> None:
     assert _prompts_started(ex) == ["c", "d"]
 
 
+def test_a_replacement_later_than_the_limit_still_counts_within_the_window() -> None:
+    # c comes 8 s after the batch ended (the client and frontend were slow): past the 5 s limit, but
+    # within the 10 s window, so b's replacement is still expected until 28 + 5.
+    core, ex = _finished_batch()
+    _arrive(core, ex, 28.0, "c")
+    assert _held(core, ex)
+    assert core.seconds_held() == pytest.approx(5.0)
+    _arrive(core, ex, 31.0, "d")
+    assert not _held(core, ex)
+    assert _prompts_started(ex) == ["c", "d"]
+
+
 def test_no_hold_without_reason() -> None:
     # As many arrived as finished: start at once.
     core, ex = _finished_batch()
     _arrive(core, ex, 21.0, "c", "d")
     assert not _held(core, ex)
     assert _prompts_started(ex) == ["c", "d"]
-    # The finishes are older than the limit: nothing is expected any more.
+    # The finishes are older than the window: nothing is expected any more.
     core, ex = _finished_batch()
-    _arrive(core, ex, 25.5, "c")
+    _arrive(core, ex, 30.5, "c")
     assert not _held(core, ex)
     # Switched off.
     core, ex = _finished_batch(steps=0.0)
@@ -180,9 +192,11 @@ def test_no_hold_while_requests_decode() -> None:
     assert _prompts_started(ex) == ["c"]  # the delay factor's business, off by default
 
 
-def test_regroup_steps_is_validated() -> None:
+def test_regroup_steps_are_validated() -> None:
     with pytest.raises(ValueError, match="regroup_steps"):
         EngineConfig(regroup_steps=-0.1)
+    with pytest.raises(ValueError, match="regroup_window_steps"):
+        EngineConfig(regroup_window_steps=101)
 
 
 class _FixedTiming:
