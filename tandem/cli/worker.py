@@ -16,6 +16,7 @@ import sys
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
+from tandem.deploy.spec import ENGINE_ARGS
 from tandem.engine.config import EngineConfig
 from tandem.engines.factory import ENGINES
 
@@ -97,17 +98,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
-    """The engine flags (one per `tandem.deploy.spec.ENGINE_ARGS` key) as an EngineConfig."""
-    return EngineConfig(
-        block_size=args.block_size,
-        num_blocks=args.num_blocks,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=args.max_model_len,
-        scheduler_delay_factor=args.scheduler_delay_factor,
-        regroup_steps=args.regroup_steps,
-        regroup_window_steps=args.regroup_window_steps,
-    )
+    """The engine flags, one per `ENGINE_ARGS` key (the list `tandem serve` and deployment files
+    pass on), as an EngineConfig."""
+    return EngineConfig(**{key: getattr(args, key) for key in ENGINE_ARGS})
 
 
 def freeze_startup_heap() -> None:

@@ -36,11 +36,9 @@ class EngineConfig:
     a bounded TTFT cost. 0: admit at once."""
     regroup_steps: float = 2.0
     """When nothing is decoding, hold new prompts while fewer have arrived than requests finished
-    lately (see `regroup_window_steps`), at most this many times the last decode step's duration.
-    A closed loop's clients send their next requests as their last ones end, and a frontend takes
-    them in one by one over a few ms: started at once, the first would prefill alone, the rest would
-    wait a whole prefill step behind it, and a batch that ended together would not prefill together
-    again. 0: start at once."""
+    lately (see `regroup_window_steps`), at most this many times the last decode step's duration,
+    so a batch that ended together prefills together again (why: `tandem.engine.regroup`).
+    0: start at once."""
     regroup_window_steps: float = 2.0
     """Finishes count for the regroup hold if they came at most this many times the last decode
     step's duration before the oldest waiting prompt: how long a client and the frontend may take to
