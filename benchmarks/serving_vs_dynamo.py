@@ -284,6 +284,32 @@ def ratios(a: dict, b: dict, speedup: float) -> str:
     return "; ".join(parts) + f"; frontend CPU/token x{fe:.2f}"
 
 
+def paired(runs: dict[str, list[Any]], systems: list[str], cs: list[int]) -> str:
+    """Realistic timing, round by round: each round runs every system back to back, so the difference
+    of one round is measured on the same state of a noisy machine. Per latency field, the median of
+    those differences (Tandem - Dynamo, ms; negative is Tandem ahead), in how many rounds Tandem was
+    at or under Dynamo, and the smallest and largest difference."""
+    lines = []
+    for ts in (s for s in systems if s.startswith("tandem")):
+        for ds in (s for s in systems if s.startswith("dynamo")):
+            for c in cs:
+                a, b = runs.get(f"{ts}|1|{c}"), runs.get(f"{ds}|1|{c}")
+                if not a or not b:
+                    continue
+                parts = []
+                for key, p in (("ttft_ms", "p50"), ("ttft_ms", "p99"), ("itl_ms", "p50"), ("itl_ms", "p99")):
+                    d = [x[key][p] - y[key][p] for x, y in zip(a, b, strict=True)]
+                    ahead = sum(1 for v in d if v <= 0)
+                    parts.append(
+                        f"{key[:4].upper().rstrip('_')} {p} {statistics.median(d):+.2f} "
+                        f"({ahead}/{len(d)} at or under, {min(d):+.2f}..{max(d):+.2f})"
+                    )
+                lines.append(f"  c={c} {ts} - {ds}: " + "; ".join(parts))
+    if not lines:
+        return ""
+    return "\n## speed-up 1, round by round (Tandem - Dynamo, ms)\n" + "\n".join(lines)
+
+
 def add_install_args(ap: argparse.ArgumentParser) -> None:
     """--model (the tokenizer and config folder both systems serve) and --dynamo (its install)."""
     ap.add_argument(
@@ -309,7 +335,8 @@ def main() -> int:
         "--rounds",
         type=int,
         default=1,
-        help="run every system this many times, alternating; the table shows each field's median",
+        help="run every system this many times, alternating; the table shows each field's median, "
+        "and (speed-up 1) each Tandem row minus the Dynamo row of the same round",
     )
     ap.add_argument("--count-scale", type=float, default=1.0, help="multiply the requests per point")
     ap.add_argument("--out", default=None)
@@ -336,6 +363,8 @@ def main() -> int:
     if args.rounds > 1:
         print(f"\nmedians over {args.rounds} rounds per point")
     print(table(results, systems, speedups, cs))
+    if args.rounds > 1 and 1.0 in speedups:
+        print(paired(runs, systems, cs))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"median": results, "runs": runs}, indent=1))
