@@ -227,6 +227,22 @@ def stack_cpu_ms_per_request(r: dict) -> float:
     return pct / 100.0 / max(r["req_per_s"], 1e-9) * 1e3
 
 
+def point_key(system: str, speedup: float, c: int) -> str:
+    """Where a point's results are kept (in `runs`, the medians and the JSON)."""
+    return f"{system}|{speedup:g}|{c}"
+
+
+def field_label(key: str, p: str) -> str:
+    """ "ttft_ms", "p50" -> "TTFT p50"."""
+    return f"{key[:4].upper().rstrip('_')} {p}"
+
+
+def tandem_dynamo_pairs(systems: list[str]) -> list[tuple[str, str]]:
+    """Every Tandem row with every Dynamo row, in the order given."""
+    tandems = [s for s in systems if s.startswith("tandem")]
+    return [(t, d) for t in tandems for d in systems if d.startswith("dynamo")]
+
+
 def prefill_ms(tokens: float) -> float:
     return 4.209989e-7 * tokens * tokens + 1.518344e-2 * tokens + 16.50142
 
@@ -235,8 +251,6 @@ def table(results: dict[str, Any], systems: list[str], speedups: list[float], cs
     """Side-by-side rows, then Tandem's ratios over each Dynamo row (rates: > 1 is Tandem better;
     added latency and CPU: smaller is Tandem better)."""
     lines = []
-    tandems = [s for s in systems if s.startswith("tandem")]
-    dynamos = [s for s in systems if s.startswith("dynamo")]
     for sp in speedups:
         lines.append(f"\n## speed-up {sp:g}")
         head = f"{'system':16s}{'c':>4s}{'req/s':>9s}{'tok/s':>9s}{'TTFT50':>9s}{'TTFT99':>9s}{'ITL50':>8s}"
@@ -246,7 +260,7 @@ def table(results: dict[str, Any], systems: list[str], speedups: list[float], cs
         lines.append(head)
         for c in cs:
             for s in systems:
-                r = results.get(f"{s}|{sp:g}|{c}")
+                r = results.get(point_key(s, sp, c))
                 if r is None:
                     continue
                 t, i = r["ttft_ms"], r["itl_ms"]
@@ -257,11 +271,10 @@ def table(results: dict[str, Any], systems: list[str], speedups: list[float], cs
                     f"{frontend_cpu_ms_per_token(r) * 1e3:9.1f}{stack_cpu_ms_per_request(r):12.2f}"
                     f"{r['other_procs_cpu_pct_of_one_core']:8.0f}"
                 )
-            for ts in tandems:
-                for ds in dynamos:
-                    a, b = results.get(f"{ts}|{sp:g}|{c}"), results.get(f"{ds}|{sp:g}|{c}")
-                    if a is not None and b is not None:
-                        lines.append(f"  {ts} / {ds}: " + ratios(a, b, sp))
+            for ts, ds in tandem_dynamo_pairs(systems):
+                a, b = results.get(point_key(ts, sp, c)), results.get(point_key(ds, sp, c))
+                if a is not None and b is not None:
+                    lines.append(f"  {ts} / {ds}: " + ratios(a, b, sp))
     return "\n".join(lines)
 
 
@@ -280,7 +293,7 @@ def ratios(a: dict, b: dict, speedup: float) -> str:
     for key, floor in (("ttft_ms", floor_ttft), ("itl_ms", floor_itl)):
         for p in ("p50", "p99"):
             da, db = a[key][p] - floor, b[key][p] - floor
-            parts.append(f"{key[:4].upper().rstrip('_')} {p} added {da:+.2f} vs {db:+.2f} ms")
+            parts.append(f"{field_label(key, p)} added {da:+.2f} vs {db:+.2f} ms")
     return "; ".join(parts) + f"; frontend CPU/token x{fe:.2f}"
 
 
@@ -290,21 +303,20 @@ def paired(runs: dict[str, list[Any]], systems: list[str], cs: list[int]) -> str
     those differences (Tandem - Dynamo, ms; negative is Tandem ahead), in how many rounds Tandem was
     at or under Dynamo, and the smallest and largest difference."""
     lines = []
-    for ts in (s for s in systems if s.startswith("tandem")):
-        for ds in (s for s in systems if s.startswith("dynamo")):
-            for c in cs:
-                a, b = runs.get(f"{ts}|1|{c}"), runs.get(f"{ds}|1|{c}")
-                if not a or not b:
-                    continue
-                parts = []
-                for key, p in (("ttft_ms", "p50"), ("ttft_ms", "p99"), ("itl_ms", "p50"), ("itl_ms", "p99")):
-                    d = [x[key][p] - y[key][p] for x, y in zip(a, b, strict=True)]
-                    ahead = sum(1 for v in d if v <= 0)
-                    parts.append(
-                        f"{key[:4].upper().rstrip('_')} {p} {statistics.median(d):+.2f} "
-                        f"({ahead}/{len(d)} at or under, {min(d):+.2f}..{max(d):+.2f})"
-                    )
-                lines.append(f"  c={c} {ts} - {ds}: " + "; ".join(parts))
+    for ts, ds in tandem_dynamo_pairs(systems):
+        for c in cs:
+            a, b = runs.get(point_key(ts, 1, c)), runs.get(point_key(ds, 1, c))
+            if not a or not b:
+                continue
+            parts = []
+            for key, p in (("ttft_ms", "p50"), ("ttft_ms", "p99"), ("itl_ms", "p50"), ("itl_ms", "p99")):
+                d = [x[key][p] - y[key][p] for x, y in zip(a, b, strict=True)]
+                ahead = sum(1 for v in d if v <= 0)
+                parts.append(
+                    f"{field_label(key, p)} {statistics.median(d):+.2f} "
+                    f"({ahead}/{len(d)} at or under, {min(d):+.2f}..{max(d):+.2f})"
+                )
+            lines.append(f"  c={c} {ts} - {ds}: " + "; ".join(parts))
     if not lines:
         return ""
     return "\n## speed-up 1, round by round (Tandem - Dynamo, ms)\n" + "\n".join(lines)
@@ -358,7 +370,7 @@ def main() -> int:
             for s in order:
                 with running(args, sp, s, out_dir) as dep:
                     for c in cs:
-                        runs.setdefault(f"{s}|{sp:g}|{c}", []).append(run_point(args, dep, sp, c, out_dir))
+                        runs.setdefault(point_key(s, sp, c), []).append(run_point(args, dep, sp, c, out_dir))
     results = {k: median_result(v) for k, v in runs.items()}
     if args.rounds > 1:
         print(f"\nmedians over {args.rounds} rounds per point")
