@@ -47,8 +47,13 @@ STRESS_COUNTS = {1: (1500, 100), 16: (4000, 200), 64: (6000, 300)}
 TANDEM_SYSTEMS = {"tandem-rr": "round-robin", "tandem-ll": "least-loaded", "tandem-kv": "kv"}
 """Tandem rows by name -> the router policy they run. Suffixes set worker flags, so variants share a
 run: `:dF` `--scheduler-delay-factor F` (e.g. `tandem-rr:d0.5`), `:rN` `--regroup-steps N`, `:wN`
-`--regroup-window-steps N` (e.g. `tandem-ll:r2:w6`)."""
-VARIANT_FLAGS = {"d": "--scheduler-delay-factor", "r": "--regroup-steps", "w": "--regroup-window-steps"}
+`--regroup-window-steps N` (e.g. `tandem-ll:r2:w6`), `:fN` `--frontends N` (e.g. `tandem-ll:f2`)."""
+VARIANT_FLAGS = {
+    "d": "--scheduler-delay-factor",
+    "r": "--regroup-steps",
+    "w": "--regroup-window-steps",
+    "f": "--frontends",
+}
 SLOW_STOCK_C1 = 5  # stock Dynamo waits ~40 ms per chunk on Nagle at c=1: fewer requests, same shape
 
 
@@ -64,12 +69,14 @@ class Deployment:
         self.name, self.procs, self.url = name, procs, url
 
     def pids(self) -> dict[str, int]:
-        """Every server process to measure: the named ones and (Tandem) the workers they started."""
+        """Every server process to measure: the named ones and (Tandem) the workers and other
+        frontend processes they started (`<name>_child<i>`, `<name>_fe<i>`)."""
         out = {k: p.pid for k, p in self.procs.items()}
         for name, p in self.procs.items():
             kids = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True).stdout.split()
             for i, pid in enumerate(kids):
-                out[f"{name}_child{i}"] = int(pid)
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                out[f"{name}_{'fe' if b'frontend' in argv else 'child'}{i}"] = int(pid)
         return out
 
     def stop(self) -> None:
@@ -217,7 +224,8 @@ def summary(r: dict) -> str:
 
 
 def frontend_cpu_ms_per_token(r: dict) -> float:
-    pct = r["cpu_pct_of_one_core"].get("frontend", 0.0)
+    """CPU of the frontend process (all of them, with `--frontends N`) per output token."""
+    pct = sum(v for k, v in r["cpu_pct_of_one_core"].items() if k == "frontend" or "_fe" in k)
     return pct / 100.0 / max(r["out_tok_per_s"], 1e-9) * 1e3
 
 

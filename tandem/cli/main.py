@@ -18,7 +18,7 @@ from types import ModuleType
 
 from tandem.protocol.errors import TandemError
 
-SUBCOMMANDS = ("model", "generate", "serve", "worker", "bench", "sim")
+SUBCOMMANDS = ("model", "generate", "serve", "frontend", "worker", "bench", "sim")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 log = logging.getLogger(__name__)

@@ -15,10 +15,8 @@ import argparse
 import asyncio
 import logging
 import signal
-import socket
 import sys
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from tandem.cli.router_args import add_kv_policy_args, add_queue_args, kv_policy_from_args
 from tandem.engines.factory import ENGINES
@@ -27,8 +25,11 @@ if TYPE_CHECKING:
     from tandem.control.discovery import MemoryDiscovery
     from tandem.deploy.local import LocalLauncher
     from tandem.deploy.spec import DeploymentSpec
+    from tandem.router.load_board import LoadBoard
 
 log = logging.getLogger(__name__)
+FRONTEND = "frontend-"
+"""Name prefix of the other frontend processes among the launcher's children (frontend-1, ...)."""
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -38,6 +39,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--frontends",
+        type=int,
+        default=1,
+        help="HTTP frontend processes sharing the port (each parses, tokenizes, routes and streams)",
+    )
     p.add_argument("--workers", type=int, default=1, help="aggregated workers (prefill and decode)")
     p.add_argument("--prefill-workers", type=int, default=0, help="disaggregated: prefill workers")
     p.add_argument("--decode-workers", type=int, default=0, help="disaggregated: decode workers")
@@ -137,6 +144,7 @@ def spec_from_args(args: argparse.Namespace) -> DeploymentSpec:
         kv_policy=kv_policy_from_args(args),
         queue_size=args.router_queue_size,
         queue_timeout=args.router_queue_timeout,
+        frontends=args.frontends,
     )
 
 
@@ -161,14 +169,12 @@ async def serve(
     ready_timeout: float,
     registry_port: int = 0,
 ) -> int:
+    from tandem.cli.frontend import build_backend, http_server, join_board, listen, uvicorn_config
     from tandem.cli.worker import freeze_startup_heap
     from tandem.control.discovery import MemoryDiscovery
     from tandem.control.registry import RegistryServer
     from tandem.deploy.local import LocalLauncher
-    from tandem.router.admission import AdmissionQueues
-    from tandem.router.backend import RouterBackend
-    from tandem.router.basic import make_policy
-    from tandem.router.disagg import DisaggPolicy
+    from tandem.router.load_board import LoadBoard
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # the readiness poll is not news
     stop = asyncio.Event()
@@ -176,48 +182,100 @@ async def serve(
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
 
+    several = spec.frontends > 1
     try:
-        sock = _listen(spec.host, spec.port)
+        sock = listen(spec.host, spec.port, reuse_port=several)
     except OSError as e:
         print(f"tandem serve: cannot listen on {spec.host}:{spec.port}: {e}", file=sys.stderr)
         return 2
     store = MemoryDiscovery()
     registry = RegistryServer(store, host=spec.host, port=registry_port)
     await registry.start()
-    disagg = DisaggPolicy(spec.disagg_min_prompt_tokens, spec.enforce_disagg)
-    queue = AdmissionQueues(spec.queue_size, spec.queue_timeout) if spec.queue_size else None
-    backend = RouterBackend(store, make_policy(spec.policy, spec.kv_policy), disagg=disagg, admission=queue)
+    board = LoadBoard.create(spec.frontends) if several else None
+    board_task = asyncio.create_task(_assign_columns(store, board), name="load-board") if board else None
+    backend = build_backend(spec, store, board)
     launcher = LocalLauncher(
         spec, registry.address, log_dir=log_dir, log_level=log_level, drain_timeout=drain_timeout
     )
-    server = _http_server(_uvicorn_config(backend, spec))
-    http_task = asyncio.create_task(server.serve(sockets=[sock]), name="http")
+    server = http_server(uvicorn_config(backend))
+    sockets = [sock]
+    if board is not None:  # this process's own listener, for the other frontends' /metrics
+        sockets.append(listen("127.0.0.1", 0))
+        join_board(server.config.app.state.frontend.metrics, board)
+    http_task = asyncio.create_task(server.serve(sockets=sockets), name="http")
     code = 0
     try:
         await launcher.start()
         ready = await _wait_ready(spec, store, launcher, stop, ready_timeout)
+        if ready and board is not None:
+            ready = await _start_frontends(spec, launcher, registry.address, board, stop, ready_timeout)
         if ready:
             await server.config.app.state.frontend.warm_up()
             server.config.app.state.frontend.watch_loop()
             freeze_startup_heap()
-            print(f"Tandem ready: http://{spec.host}:{spec.port}/v1 ({spec.num_workers} workers)", flush=True)
+            if board is not None:
+                board.mark_ready(sockets[1].getsockname()[1])
+            more = f", {spec.frontends} frontend processes" if several else ""
+            url = f"http://{spec.host}:{spec.port}/v1"
+            print(f"Tandem ready: {url} ({spec.num_workers} workers{more})", flush=True)
             print(
                 f"Add workers at run time: tandem worker --model {spec.model} --role prefill|decode|agg "
                 f"--registry {registry.address}",
                 flush=True,
             )
-            await _supervise(launcher, stop)
+            await _supervise(launcher, stop, board)
         else:
             code = 0 if stop.is_set() else 1
     finally:
-        log.info("shutting down: draining %d workers", len(launcher.children))
+        log.info("shutting down: draining %d child processes", len(launcher.children))
         await launcher.stop()
         server.should_exit = True
         await asyncio.wait_for(http_task, 10.0)
         await backend.close()
+        if board_task is not None:
+            board_task.cancel()
         await registry.close()
-        sock.close()
+        if board is not None:
+            board.close()
+        for s in sockets:
+            s.close()
     return code
+
+
+async def _assign_columns(store: MemoryDiscovery, board: LoadBoard) -> None:
+    """Keep a load-board column for every registered worker."""
+    async for workers in store.watch():
+        board.assign(w.worker_id for w in workers)
+
+
+async def _start_frontends(
+    spec: DeploymentSpec,
+    launcher: LocalLauncher,
+    registry: str,
+    board: LoadBoard,
+    stop: asyncio.Event,
+    timeout: float,
+) -> bool:
+    """Start frontend processes 1..N-1; True once each is serving. False on stop, exit or timeout."""
+    from tandem.cli.frontend import frontend_command
+
+    children = []
+    for i in range(1, spec.frontends):
+        cmd = frontend_command(spec, registry, board, i, launcher.log_level, launcher.drain_timeout)
+        children.append(await launcher.spawn_command(f"{FRONTEND}{i}", cmd))
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not stop.is_set():
+        dead = [c for c in children if c.proc.returncode is not None]
+        if dead:
+            log.error("%s exited before it served (exit %s)", dead[0].worker_id, dead[0].proc.returncode)
+            return False
+        if board.ready_rows() >= spec.frontends - 1:
+            return True
+        if asyncio.get_running_loop().time() > deadline:
+            log.error("frontend processes not ready after %.0f s", timeout)
+            return False
+        await asyncio.sleep(0.05)
+    return False
 
 
 async def _wait_ready(
@@ -255,65 +313,18 @@ async def _wait_ready(
     return False
 
 
-async def _supervise(launcher: LocalLauncher, stop: asyncio.Event) -> None:
-    """Serve until told to stop; a worker that dies is reported (the router already skips it)."""
+async def _supervise(launcher: LocalLauncher, stop: asyncio.Event, board: LoadBoard | None) -> None:
+    """Serve until told to stop; a worker that dies is reported (the router already skips it), a
+    frontend process that dies is reported and its in-flight counts leave the load board."""
     reported: set[str] = set()
     while not stop.is_set():
         for c in launcher.exited():
             if c.worker_id not in reported:
                 reported.add(c.worker_id)
-                log.error("worker %s exited with code %s", c.worker_id, c.proc.returncode)
+                if board is not None and c.worker_id.startswith(FRONTEND):
+                    board.clear_row(int(c.worker_id.removeprefix(FRONTEND)))
+                log.error("%s exited with code %s", c.worker_id, c.proc.returncode)
         try:
             await asyncio.wait_for(stop.wait(), 1.0)
         except TimeoutError:
             pass
-
-
-def _uvicorn_config(backend: Any, spec: DeploymentSpec) -> Any:
-    import uvicorn
-
-    from tandem.frontend.app import create_app
-    from tandem.router.worker_metrics import WorkerMetrics
-
-    app = create_app(backend)
-    metrics = app.state.frontend.metrics
-    collector = getattr(backend.policy, "collector", None)
-    if collector is not None:  # the KV router's hit rate, decision time, load and decisions
-        metrics.registry.register(collector())
-    metrics.registry.register(backend.disagg_metrics)  # prefill and hand-off times
-    if backend.admission is not None:  # requests waiting for a worker under its busy limit
-        metrics.registry.register(backend.admission.collector())
-    workers = WorkerMetrics(backend.pool, backend.workers)  # each engine's phases, KV, cache hits
-    metrics.registry.register(workers)
-    metrics.refreshers.append(workers.refresh)
-    return uvicorn.Config(
-        app, http="httptools", loop="none", access_log=False, log_level="warning", lifespan="on"
-    )
-
-
-def _listen(host: str, port: int) -> socket.socket:
-    # We bind the socket ourselves: TCP_NODELAY set on the listener is inherited by every accepted
-    # connection, so SSE token events leave without waiting for delayed ACKs.
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.bind((host, port))
-    sock.listen(2048)
-    sock.setblocking(False)
-    return sock
-
-
-def _http_server(config: Any) -> Any:
-    import contextlib
-
-    import uvicorn
-
-    class Server(uvicorn.Server):
-        """uvicorn minus its signal handlers: this process decides the shutdown order (workers drain
-        first, while their HTTP streams are still being served)."""
-
-        @contextlib.contextmanager
-        def capture_signals(self) -> Iterator[None]:
-            yield
-
-    return Server(config)

@@ -72,7 +72,12 @@ class LocalLauncher:
                 await self.spawn(f"{pool.name}-{i}", pool.worker_args(), cpus)
 
     async def spawn(self, worker_id: str, pool_args: list[str], cpus: set[int] | None = None) -> ChildProcess:
-        cmd = self.worker_command(worker_id, pool_args)
+        return await self.spawn_command(worker_id, self.worker_command(worker_id, pool_args), cpus)
+
+    async def spawn_command(
+        self, worker_id: str, cmd: list[str], cpus: set[int] | None = None
+    ) -> ChildProcess:
+        """Start `cmd` as a child named `worker_id` (a worker, or another frontend process)."""
         log_file = None
         if self.log_dir is not None:
             log_file = open(self.log_dir / f"{worker_id}.log", "ab")
@@ -88,7 +93,7 @@ class LocalLauncher:
         if log_file is None:
             child.forwarder = asyncio.create_task(_forward(worker_id, proc), name=f"log-{worker_id}")
         self.children.append(child)
-        log.info("started worker %s (pid %d)", worker_id, proc.pid)
+        log.info("started %s (pid %d)", worker_id, proc.pid)
         return child
 
     def exited(self) -> list[ChildProcess]:
@@ -117,7 +122,7 @@ class LocalLauncher:
                     await asyncio.wait_for(c.forwarder, 2.0)
             if c.log_file is not None:
                 c.log_file.close()
-        log.info("all %d workers stopped", len(self.children))
+        log.info("all %d child processes stopped", len(self.children))
 
 
 def _signal(child: ChildProcess, sig: signal.Signals) -> None:

@@ -1,7 +1,7 @@
 """Deployment spec: what `tandem serve` launches, from flags or from one YAML file.
 
     model: {path: ./models/tiny, served_name: tiny}
-    frontend: {host: 127.0.0.1, port: 8000}
+    frontend: {host: 127.0.0.1, port: 8000}    # processes: 2 -> two frontend processes on the port
     router: {policy: least-loaded}          # or {policy: kv, overlap_weight: 10, busy_threshold: 0.9,
                                             #     queue_size: 256, queue_timeout: 30, ...}
     pools:
@@ -14,7 +14,7 @@ construction; unknown keys are errors (a typo must not silently fall back to a d
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +107,8 @@ class DeploymentSpec:
     """Requests that may wait for a worker under its busy limit (0: refuse them at once with 503)."""
     queue_timeout: float = 30.0
     """Seconds a request waits in that queue before a 503."""
+    frontends: int = 1
+    """HTTP frontend processes sharing the port (`tandem serve --frontends`, `frontend: {processes}`)."""
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES and self.policy not in KV_POLICIES:
@@ -124,6 +126,8 @@ class DeploymentSpec:
                 "queue_size holds requests that find every worker busy: set busy_threshold or "
                 "busy_prefill_tokens (kv and kv-approx policies) for it to apply"
             )
+        if self.frontends < 1:
+            raise ValueError("frontends (frontend processes) must be >= 1")
         names = [p.name for p in self.pools]
         if len(set(names)) != len(names):
             raise ValueError(f"pool names must be unique, got {names}")
@@ -146,7 +150,7 @@ class DeploymentSpec:
             raise ValueError("the deployment needs `model: {path: <checkpoint folder>}`")
         _check_keys("model", model, {"path", "served_name"})
         frontend = data.get("frontend") or {}
-        _check_keys("frontend", frontend, {"host", "port"})
+        _check_keys("frontend", frontend, {"host", "port", "processes"})
         router = data.get("router") or {}
         router_keys = {"policy", "disagg_min_prompt_tokens", "enforce_disagg", "queue_size", "queue_timeout"}
         router_keys.update(KV_POLICY_FIELDS)
@@ -161,6 +165,7 @@ class DeploymentSpec:
             served_name=model.get("served_name"),
             host=frontend.get("host", "127.0.0.1"),
             port=int(frontend.get("port", 8000)),
+            frontends=int(frontend.get("processes", 1)),
             policy=router.get("policy", "round-robin"),
             pools=tuple(pools),
             name=data.get("name", "tandem"),
@@ -170,6 +175,24 @@ class DeploymentSpec:
             queue_size=int(_number(router.get("queue_size", 0))),
             queue_timeout=float(_number(router.get("queue_timeout", 30.0))),
         )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The deployment in `from_dict`'s shape (what `tandem serve` hands its other frontends)."""
+        router: dict[str, Any] = {
+            "policy": self.policy,
+            "disagg_min_prompt_tokens": self.disagg_min_prompt_tokens,
+            "enforce_disagg": self.enforce_disagg,
+            "queue_size": self.queue_size,
+            "queue_timeout": self.queue_timeout,
+            **self.kv_policy,
+        }
+        return {
+            "name": self.name,
+            "model": {"path": self.model, "served_name": self.served_name},
+            "frontend": {"host": self.host, "port": self.port, "processes": self.frontends},
+            "router": router,
+            "pools": [asdict(p) for p in self.pools],
+        }
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> DeploymentSpec:

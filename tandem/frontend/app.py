@@ -253,9 +253,10 @@ def create_app(backend: Backend, *, served_model_name: str | None = None, title:
     async def live() -> Response:
         return Response(b'{"status":"live"}', media_type="application/json")
 
-    @app.get("/metrics", summary="Prometheus metrics")
-    async def metrics() -> Response:
-        return Response(await fe.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    @app.get("/metrics", summary="Prometheus metrics (`?scope=process`: this frontend process's only)")
+    async def metrics(request: Request) -> Response:
+        process_only = request.query_params.get("scope") == "process"
+        return Response(await fe.metrics.render(process_only), media_type=CONTENT_TYPE_LATEST)
 
     default_openapi = app.openapi
 

@@ -14,8 +14,10 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 
+import httpx
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
-from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.core import HistogramMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from tandem.protocol.registry import GAP_BUCKETS
@@ -90,6 +92,10 @@ class FrontendMetrics:
         self._status_children: dict[tuple[str, int], Counter] = {}
         self.refreshers: list[Callable[[], Awaitable[None]]] = []
         """Awaited before each render: collectors whose numbers live elsewhere (the workers')."""
+        self.index = 0
+        """This process's number among the deployment's frontend processes."""
+        self.peers: Callable[[], list[tuple[int, str]]] | None = None
+        """With several frontend processes: the others' (index, URL of their own /metrics)."""
 
     def count_request(self, endpoint: str, status: int) -> None:
         child = self._status_children.get((endpoint, status))
@@ -111,10 +117,14 @@ class FrontendMetrics:
         self.inflight.dec()
         self.active -= 1
 
-    async def render(self) -> bytes:
+    async def render(self, process_only: bool = False) -> bytes:
+        """The /metrics body. With peers (and not `process_only`), every frontend process's."""
         if self.refreshers:
             await asyncio.gather(*(refresh() for refresh in self.refreshers))
-        return generate_latest(self.registry)
+        body = generate_latest(self.registry)
+        if self.peers is None or process_only:
+            return body
+        return await merge_frontends(body, self.index, self.peers())
 
     async def watch_loop_lag(self, interval: float = LAG_SAMPLE_S) -> None:
         """Sample the event loop's responsiveness into `loop_lag` until cancelled.
@@ -127,3 +137,55 @@ class FrontendMetrics:
             due = time.perf_counter() + interval
             await asyncio.sleep(interval)
             self.loop_lag.observe(max(0.0, time.perf_counter() - due))
+
+
+async def merge_frontends(
+    own: bytes, index: int, peers: list[tuple[int, str]], timeout: float = 2.0
+) -> bytes:
+    """One /metrics body for a deployment whose frontend processes share a port.
+
+    A scrape reaches whichever process the kernel hands the connection to, so that process fetches
+    the others' own metrics (`peers`: index and URL on their private 127.0.0.1 listeners) and
+    adds them, each series labelled `frontend="<index>"`. The workers' series (`tandem_worker_*`)
+    are read from the same workers by every process: this process's copy is kept as is. A peer that
+    does not answer within `timeout` is left out (and logged), not waited for.
+    """
+
+    async def fetch(client: httpx.AsyncClient, url: str) -> str | None:
+        try:
+            r = await client.get(url)
+            r.raise_for_status()
+            return r.text
+        except httpx.HTTPError as e:
+            log.warning("frontend metrics at %s not read: %s", url, e)
+            return None
+
+    async with httpx.AsyncClient(timeout=timeout) as client:
+        texts = await asyncio.gather(*(fetch(client, url) for _, url in peers))
+    families: dict[str, Metric] = {}
+    bodies = [(index, own.decode())] + [(i, t) for (i, _), t in zip(peers, texts, strict=True) if t]
+    for i, text in bodies:
+        for family in text_string_to_metric_families(text):
+            shared = family.name.startswith("tandem_worker_")
+            if shared and i != index:
+                continue
+            merged = families.get(family.name)
+            if merged is None:
+                merged = Metric(family.name, family.documentation, family.type, family.unit)
+                families[family.name] = merged
+            label = {} if shared else {"frontend": str(i)}
+            merged.samples.extend(s._replace(labels={**s.labels, **label}) for s in family.samples)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families(list(families.values())))
+    return generate_latest(registry)
+
+
+class _Families(Collector):
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self.families)
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())

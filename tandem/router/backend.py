@@ -30,6 +30,7 @@ from tandem.router.basic import Policy, make_policy
 from tandem.router.disagg import DisaggPolicy
 from tandem.router.disagg_metrics import DisaggMetrics
 from tandem.router.interface import ModelCard
+from tandem.router.load_board import LoadBoard
 from tandem.router.policy import WorkerLoad
 from tandem.transfer.release import release_hold
 
@@ -46,6 +47,7 @@ class RouterBackend:
         max_attempts: int = 3,
         disagg: DisaggPolicy | None = None,
         admission: AdmissionQueues | None = None,
+        board: LoadBoard | None = None,
     ) -> None:
         self.discovery = discovery
         self.policy = make_policy(policy) if isinstance(policy, str) else policy
@@ -63,6 +65,8 @@ class RouterBackend:
         self.disagg = disagg or DisaggPolicy()
         self.disagg_metrics = DisaggMetrics()
         self.in_flight: Counter[str] = Counter()
+        self.board = board
+        """Set when several frontends route to the same workers: their in-flight counts."""
         self._cards: dict[str, ModelCard] = {}
         self._last_live: list[WorkerInfo] = []
 
@@ -196,6 +200,8 @@ class RouterBackend:
             tried.add(chosen)
             started = False
             self.in_flight[chosen] += 1
+            if self.board is not None:
+                self.board.write(chosen, self.in_flight[chosen], self.in_flight)
             counted = True
             try:
                 stream = await self.pool.open(worker.address, GenerateCall(req))
@@ -244,9 +250,11 @@ class RouterBackend:
         """A request has left `worker_id`: off the policy's and the router's load counts."""
         if self._on_finish is not None:
             self._on_finish(request_id)
-        self.in_flight[worker_id] -= 1
-        if self.in_flight[worker_id] <= 0:
+        n = self.in_flight[worker_id] = self.in_flight[worker_id] - 1
+        if n <= 0:
             del self.in_flight[worker_id]
+        if self.board is not None:
+            self.board.write(worker_id, max(n, 0), self.in_flight)
         if admission is not None:
             admission.notify()
 
@@ -284,17 +292,31 @@ class RouterBackend:
         # (every `load_interval`, up to ~1 s old) must not override it: right after a worker finishes
         # a batch of requests the report still shows them, and taking the larger of the two sent
         # that worker's replacements elsewhere, splitting batches that would prefill together. The
-        # reported KV blocks still break ties. With several routers, each balances its own share.
+        # reported KV blocks still break ties. Several frontends on one host (`board`) add each
+        # other's counts; routers without a board balance their own share.
         # One comprehension with locals: this runs per request over every candidate (1,000 workers).
         in_flight = self.in_flight
+        if self.board is None:
+            return [
+                WorkerLoad(
+                    w.worker_id,
+                    w.load.num_used_blocks,
+                    0,
+                    in_flight[w.worker_id],
+                    w.num_blocks,
+                    w.max_num_batched_tokens,
+                )
+                for w in candidates
+            ]
+        others = self.board.others([w.worker_id for w in candidates])
         return [
             WorkerLoad(
                 w.worker_id,
                 w.load.num_used_blocks,
                 0,
-                in_flight[w.worker_id],
+                in_flight[w.worker_id] + n,
                 w.num_blocks,
                 w.max_num_batched_tokens,
             )
-            for w in candidates
+            for w, n in zip(candidates, others, strict=True)
         ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import pytest
@@ -147,3 +148,18 @@ def test_every_engine_arg_reaches_the_workers_engine() -> None:
     serve_flags = [x for k, v in values.items() for x in (f"--{k.replace('_', '-')}", str(v))]
     serve_ns = _serve_args("--model", "m", *serve_flags)
     assert spec_from_args(serve_ns).pools[0].engine_args == values
+
+
+def test_a_deployment_file_asks_for_frontend_processes_and_round_trips() -> None:
+    spec = DeploymentSpec.from_dict(
+        {
+            "model": {"path": "m"},
+            "frontend": {"port": 9000, "processes": 3},
+            "pools": [{"name": "w", "replicas": 2, "engine": "sim"}],
+        }
+    )
+    assert spec.frontends == 3
+    # `tandem serve` hands the deployment to its other frontend processes as JSON.
+    assert DeploymentSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    with pytest.raises(ValueError, match="frontends"):
+        DeploymentSpec.from_dict({"model": "m", "frontend": {"processes": 0}, "pools": [{"name": "w"}]})

@@ -16,6 +16,7 @@ from tandem.protocol.messages import GenerateRequest, SamplingSpec
 from tandem.protocol.registry import WorkerLoad, WorkerStats
 from tandem.protocol.rpc import StatsCall
 from tandem.router.backend import RouterBackend
+from tandem.router.load_board import LoadBoard
 from tandem.worker.worker import Worker, WorkerConfig
 from tests.outputs import next_output
 
@@ -203,5 +204,42 @@ async def test_workers_register_their_step_budget_and_the_router_passes_it_on(mo
     (view,) = backend._views([info])
     assert (view.step_tokens, view.capacity_blocks) == (info.max_num_batched_tokens, 128)
     await backend.close()
+    for w in workers:
+        await w.stop()
+
+
+async def test_least_loaded_adds_the_other_frontends_counts_from_the_load_board(model_dir: Path) -> None:
+    # Two frontends route to the same two workers. The first holds 2 requests on w0 and 1 on w1;
+    # alone, the second would send its request to w0 (both look idle to it, the tie goes to the
+    # lowest id). With the board it sees 2 and 1, and picks w1.
+    d = MemoryDiscovery()
+    workers = await _start(model_dir, d, 2)
+    owner = LoadBoard.create(2, 16)
+    owner.assign(w.worker_id for w in workers)
+    first = RouterBackend(d, "least-loaded", board=owner)
+    second = RouterBackend(d, "least-loaded", board=LoadBoard.attach(owner.path, 2, 16, 1))
+    held = [first.generate(_req(f"a{i}", n=10_000)) for i in range(3)]
+    for gen in held:
+        await next_output(gen)
+    assert dict(first.in_flight) == {"w0": 2, "w1": 1}
+    lone = RouterBackend(d, "least-loaded")
+    alone = lone.generate(_req("alone", n=10_000))
+    await next_output(alone)
+    assert dict(lone.in_flight) == {"w0": 1}
+    shared = second.generate(_req("b", n=10_000))
+    await next_output(shared)
+    assert dict(second.in_flight) == {"w1": 1}
+    # Requests that end leave the board too.
+    for gen in held:
+        await gen.aclose()
+    assert second.board is not None
+    assert second.board.others(["w0", "w1"]) == [0, 0]  # the first's, all ended
+    assert owner.others(["w0", "w1"]) == [0, 1]  # the second's
+    for gen in (alone, shared):
+        await gen.aclose()
+    for backend in (first, second, lone):
+        await backend.close()
+    second.board.close()
+    owner.close()
     for w in workers:
         await w.stop()

@@ -1,0 +1,213 @@
+"""LoadBoard: in-flight request counts per worker, shared by the frontend processes of one host.
+
+With `tandem serve --frontends N`, N processes accept on one port and each routes its own requests.
+A least-loaded pick needs every router's count, not one router's share: two routers that each split
+their 8 requests 4/4 can still leave one worker with 9 and the other with 7, and a worker with 9
+cannot keep one batch (see docs/benchmarks.md, session 13). So each router writes its own counts to
+a row of a small shared-memory table, and adds the other rows to its own when it picks.
+
+Layout (native int64s): a header (`generation`), a column table (one worker-id hash per column, 0
+when free) and one row of counts per frontend, plus one `ready` word per row.
+
+    [generation][hash x columns][ready x rows][count x rows x columns]
+
+Who writes what: the owner (the `tandem serve` process) assigns columns to workers as they come and
+go, and bumps `generation`; each router writes only its own row and its own `ready` word. So no
+two processes write one word, and no lock is needed. A router writes the absolute count of its
+own in-flight requests (not +1/-1), and rewrites its whole row when the column table changes, so a
+column handed to a new worker carries no stale count for longer than one of that router's updates.
+
+Why by hand: the standard library's `multiprocessing.shared_memory` registers the segment with a
+resource tracker in every attaching process (before 3.13 each one unlinks it at exit); an unlinked
+/dev/shm file opened through /proc/<pid>/fd leaves nothing behind however the owner dies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+import uuid
+from array import array
+from collections.abc import Iterable
+from pathlib import Path
+
+SHM_DIR = Path("/dev/shm")
+WORD = 8
+DEFAULT_COLUMNS = 4096
+
+
+def worker_key(worker_id: str) -> int:
+    """A stable, nonzero 63-bit key for a worker id (Python's `hash` differs per process)."""
+    digest = hashlib.blake2b(worker_id.encode(), digest_size=8).digest()
+    return (int.from_bytes(digest, "little") & (2**63 - 1)) | 1
+
+
+class LoadBoard:
+    """One process's view of the board: the owner's (`create`) or a router's (`attach`)."""
+
+    def __init__(self, path: str, rows: int, columns: int, row: int, *, owner_fd: int = -1) -> None:
+        if rows < 1 or columns < 1:
+            raise ValueError("a load board needs at least one row and one column")
+        self._check_row(row, rows)
+        self.path = path
+        self.row = row
+        """The row this process's router writes."""
+        self.rows = rows
+        self.columns = columns
+        self._owner_fd = owner_fd
+        size = WORD * (1 + columns + rows + rows * columns)
+        fd = os.open(path, os.O_RDWR)
+        try:
+            self._map = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        self._words = memoryview(self._map).cast("q")
+        self._hashes = 1
+        self._ready = 1 + columns
+        self._counts = 1 + columns + rows
+        self._generation = -1
+        self._columns: dict[int, int] = {}
+        """worker key -> column, as of `_generation`."""
+        self._by_id: dict[str, int | None] = {}
+        """worker id -> column (None: no column), as of `_generation`."""
+        self._row_generation = -1
+        """The generation this router's row was last rewritten for."""
+        self._cursor = -1
+        """The owner: the column it gave out last."""
+
+    @classmethod
+    def create(cls, rows: int, columns: int = DEFAULT_COLUMNS, row: int = 0) -> LoadBoard:
+        """A zeroed board in an unlinked /dev/shm file that lives while this process (or a router
+        that attached) has it open; the other routers `attach(board.path, rows, columns, row)`."""
+        created = SHM_DIR / f"tandem-load-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        fd = os.open(created, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, WORD * (1 + columns + rows + rows * columns))
+        finally:
+            created.unlink()
+        return cls(f"/proc/{os.getpid()}/fd/{fd}", rows, columns, row, owner_fd=fd)
+
+    @classmethod
+    def attach(cls, path: str, rows: int, columns: int, row: int) -> LoadBoard:
+        return cls(path, rows, columns, row)
+
+    def close(self) -> None:
+        self._words.release()
+        self._map.close()
+        if self._owner_fd >= 0:
+            os.close(self._owner_fd)
+            self._owner_fd = -1
+
+    # -- the owner -------------------------------------------------------------------------------
+
+    def assign(self, worker_ids: Iterable[str]) -> None:
+        """Give each of `worker_ids` a column, free the columns of workers not in it, and bump the
+        generation if anything changed. Columns of workers that stay are never moved."""
+        words, base = self._words, self._hashes
+        wanted = {worker_key(w) for w in worker_ids}
+        held = {words[base + c]: c for c in range(self.columns) if words[base + c]}
+        changed = False
+        for key, c in held.items():
+            if key not in wanted:
+                words[base + c] = 0
+                changed = True
+        # Free columns are taken in turn from after the last one given out, so a column that was
+        # just freed goes back into use only after all the others: by then every router has
+        # rewritten its row, and no count of the old worker is read as the new one's.
+        n = self.columns
+        order = [(self._cursor + 1 + i) % n for i in range(n)]
+        free = (c for c in order if not words[base + c])
+        for key in wanted - held.keys():
+            column = next(free, None)
+            if column is None:
+                break  # more workers than columns: the rest are routed on local counts only
+            words[base + column] = key
+            self._cursor = column
+            changed = True
+        if changed:
+            words[0] += 1
+
+    def clear_row(self, row: int) -> None:
+        """Forget a router that stopped (its requests died with it)."""
+        self._check_row(row, self.rows)
+        self._words[self._ready + row] = 0
+        start = self._counts + row * self.columns
+        self._words[start : start + self.columns] = memoryview(array("q", [0]) * self.columns)
+
+    def ready_rows(self) -> int:
+        return sum(1 for r in range(self.rows) if self._words[self._ready + r])
+
+    def peers(self) -> list[tuple[int, int]]:
+        """The other ready routers: (row, the 127.0.0.1 port of their process's own listener)."""
+        words, ready = self._words, self._ready
+        return [(r, words[ready + r]) for r in range(self.rows) if r != self.row and words[ready + r]]
+
+    # -- a router --------------------------------------------------------------------------------
+
+    def mark_ready(self, port: int) -> None:
+        """This router serves; `port`: its process's own 127.0.0.1 listener (for /metrics)."""
+        if port <= 0:
+            raise ValueError("a ready router gives the port of its own listener")
+        self._words[self._ready + self.row] = port
+
+    def write(self, worker_id: str, count: int, all_counts: dict[str, int]) -> None:
+        """Publish this router's in-flight `count` on `worker_id`. `all_counts` (every worker's
+        count at this router) rewrites the row when the column table changed since the last call."""
+        self._refresh()
+        if self._row_generation != self._generation:
+            self._rewrite(all_counts)
+            return
+        c = self._column(worker_id)
+        if c is not None:
+            self._words[self._counts + self.row * self.columns + c] = count
+
+    def others(self, worker_ids: list[str]) -> list[int]:
+        """For each worker, the in-flight requests the other routers have on it."""
+        self._refresh()
+        words, counts, column, row = self._words, self._counts, self._column, self.row
+        stride = self.columns
+        out = []
+        for w in worker_ids:
+            c = column(w)
+            if c is None:
+                out.append(0)
+                continue
+            total = 0
+            for r in range(self.rows):
+                if r != row:
+                    total += words[counts + r * stride + c]
+            out.append(total)
+        return out
+
+    def _column(self, worker_id: str) -> int | None:
+        try:
+            return self._by_id[worker_id]
+        except KeyError:
+            c = self._by_id[worker_id] = self._columns.get(worker_key(worker_id))
+            return c
+
+    def _refresh(self) -> None:
+        """Re-read the column table if the owner changed it."""
+        generation = self._words[0]
+        if generation == self._generation:
+            return
+        words, base = self._words, self._hashes
+        self._columns = {words[base + c]: c for c in range(self.columns) if words[base + c]}
+        self._by_id.clear()
+        self._generation = generation
+
+    def _rewrite(self, all_counts: dict[str, int]) -> None:
+        values = [0] * self.columns
+        for w, n in all_counts.items():
+            c = self._column(w)
+            if c is not None:
+                values[c] = n
+        start = self._counts + self.row * self.columns
+        self._words[start : start + self.columns] = memoryview(array("q", values))
+        self._row_generation = self._generation
+
+    @staticmethod
+    def _check_row(row: int, rows: int) -> None:
+        if not 0 <= row < rows:
+            raise ValueError(f"row {row} is not on a board of {rows} rows")
