@@ -7,8 +7,9 @@ tokenizes, routes and writes every token's SSE event. Under a burst of requests 
 wait for the loop (vLLM's `--api-server-count` and Dynamo's frontend threads answer the same
 problem). With `--frontends N`, `tandem serve` runs N-1 of these beside its own: every process
 listens on the same address with SO_REUSEPORT, so the kernel spreads connections over them; each
-watches the embedded registry and routes its own requests, adding the others' in-flight counts
-from a shared `LoadBoard` so least-loaded picks stay balanced over the whole deployment.
+watches the embedded registry and routes its own requests, adding the others' load (in-flight
+requests; KV blocks and queued prefill tokens for the KV router) from a shared `LoadBoard`, so its
+picks stay balanced over the whole deployment.
 
 Also here: the HTTP pieces `tandem serve` and this command share (listener, uvicorn server,
 router backend for a deployment).

@@ -30,7 +30,7 @@ from tandem.router.basic import Policy, make_policy
 from tandem.router.disagg import DisaggPolicy
 from tandem.router.disagg_metrics import DisaggMetrics
 from tandem.router.interface import ModelCard
-from tandem.router.load_board import LoadBoard
+from tandem.router.load_board import Load, LoadBoard
 from tandem.router.policy import WorkerLoad
 from tandem.transfer.release import release_hold
 
@@ -66,7 +66,12 @@ class RouterBackend:
         self.disagg_metrics = DisaggMetrics()
         self.in_flight: Counter[str] = Counter()
         self.board = board
-        """Set when several frontends route to the same workers: their in-flight counts."""
+        """Set when several frontends route to the same workers: their loads (`LoadBoard`)."""
+        # A KV policy counts load in blocks: it publishes that too, and reads the other routers'.
+        self._kv_load: Callable[[str], tuple[int, int]] | None = getattr(self.policy, "board_load", None)
+        share = getattr(self.policy, "share_board", None)
+        if board is not None and share is not None:
+            share(board)
         self._cards: dict[str, ModelCard] = {}
         self._last_live: list[WorkerInfo] = []
 
@@ -200,8 +205,7 @@ class RouterBackend:
             tried.add(chosen)
             started = False
             self.in_flight[chosen] += 1
-            if self.board is not None:
-                self.board.write(chosen, self.in_flight[chosen], self.in_flight)
+            self._publish(chosen)
             counted = True
             try:
                 stream = await self.pool.open(worker.address, GenerateCall(req))
@@ -218,6 +222,7 @@ class RouterBackend:
                             started = True
                             if self._on_first is not None:
                                 self._on_first(req.request_id)
+                                self._publish(chosen)  # its prefill tokens are no longer queued
                             if admission is not None:
                                 admission.notify()  # its prefill is done: queued tokens fell
                         if out.finish_reason is not None:
@@ -250,13 +255,25 @@ class RouterBackend:
         """A request has left `worker_id`: off the policy's and the router's load counts."""
         if self._on_finish is not None:
             self._on_finish(request_id)
-        n = self.in_flight[worker_id] = self.in_flight[worker_id] - 1
-        if n <= 0:
+        self.in_flight[worker_id] -= 1
+        if self.in_flight[worker_id] <= 0:
             del self.in_flight[worker_id]
-        if self.board is not None:
-            self.board.write(worker_id, max(n, 0), self.in_flight)
+        self._publish(worker_id)
         if admission is not None:
             admission.notify()
+
+    def _publish(self, worker_id: str) -> None:
+        """Put this router's load on `worker_id` on the board the other frontends read."""
+        if self.board is not None:
+            self.board.write(worker_id, self._load_on(worker_id), self._loads)
+
+    def _load_on(self, worker_id: str) -> Load:
+        blocks, queued = self._kv_load(worker_id) if self._kv_load is not None else (0, 0)
+        return (self.in_flight.get(worker_id, 0), blocks, queued)
+
+    def _loads(self) -> dict[str, Load]:
+        # A worker this router has nothing on carries none of its KV load either.
+        return {w: self._load_on(w) for w in self.in_flight}
 
     async def close(self) -> None:
         close = getattr(self.policy, "close", None)
@@ -308,7 +325,7 @@ class RouterBackend:
                 )
                 for w in candidates
             ]
-        others = self.board.others([w.worker_id for w in candidates])
+        others = self.board.others([w.worker_id for w in candidates])[:, 0].tolist()
         return [
             WorkerLoad(
                 w.worker_id,

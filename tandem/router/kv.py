@@ -23,7 +23,7 @@ from __future__ import annotations
 import random
 import time
 from collections import Counter, OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from operator import attrgetter
 from typing import Any
@@ -126,6 +126,9 @@ class KvRouter:
         self._dirty: set[str] = set()
         self._slots_of: dict[tuple[str, ...], np.ndarray] = {}
         """Candidate lists seen (ids -> slots): a disaggregated router alternates two."""
+        self.others_load: Callable[[tuple[str, ...]], np.ndarray] | None = None
+        """Several frontends: the other routers' KV blocks and queued prefill tokens on each of
+        the candidates (an array, candidates x 2), added to this router's own."""
 
     @property
     def approximate(self) -> bool:
@@ -162,6 +165,11 @@ class KvRouter:
             self._expire_predictions(now)
         ids, slots = self._candidate_slots(candidates)
         self._sync_loads()
+        load_blocks, load_queued = self._load_blocks[slots], self._load_queued[slots]
+        if self.others_load is not None:  # other frontends' routers, on the same workers
+            other = self.others_load(ids)
+            load_blocks = load_blocks + other[:, 0]
+            load_queued = load_queued + other[:, 1]
         if kv_transferred:
             overlap_of = np.zeros(len(slots), np.int64)
         else:
@@ -177,8 +185,8 @@ class KvRouter:
         i = pick_kv_arrays(
             n,
             overlap_of,
-            self._load_blocks[slots],
-            self._load_queued[slots],
+            load_blocks,
+            load_queued,
             capacity,
             ids,
             bs,
@@ -273,14 +281,18 @@ class KvRouter:
             self._overlap = np.zeros(size, np.int64)
         return ids, slots
 
+    def own_load(self, worker: str) -> tuple[int, int]:
+        """This router's load on `worker` as `route` weighs it: KV blocks, queued prefill tokens."""
+        a = self.active
+        blocks = a.decode_blocks(worker) if self.config.decode_load_only else a.active_blocks(worker)
+        return blocks, a.queued_prefill_tokens(worker)
+
     def _sync_loads(self) -> None:
-        a, slot = self.active, self.slots.get
-        decode_only = self.config.decode_load_only
+        slot = self.slots.get
         for w in self._dirty:
             s = slot(w)
             if s is not None:
-                self._load_blocks[s] = a.decode_blocks(w) if decode_only else a.active_blocks(w)
-                self._load_queued[s] = a.queued_prefill_tokens(w)
+                self._load_blocks[s], self._load_queued[s] = self.own_load(w)
         self._dirty.clear()
 
     def _predict(self, worker: str, hashes: list[int], now: float, block_size: int, capacity: int) -> None:

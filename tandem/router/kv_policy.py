@@ -35,6 +35,7 @@ from tandem.protocol.messages import GenerateRequest
 from tandem.protocol.registry import WorkerInfo
 from tandem.protocol.rpc import KvDumpCall, KvEventBatch, KvEventsCall
 from tandem.router.kv import KvRouter, KvRouterConfig
+from tandem.router.load_board import LoadBoard
 from tandem.router.policy import KvPolicyConfig, WorkerLoad
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ RESUBSCRIBE_S = 0.5
 
 class KvPolicy:
     """A `router.basic.Policy` plus the hooks RouterBackend calls: bind, sync, on_first_token,
-    on_finish, close."""
+    on_finish, board_load, share_board, close."""
 
     def __init__(self, config: KvRouterConfig | None = None, pool: RpcClientPool | None = None) -> None:
         self.router = KvRouter(config or KvRouterConfig(policy=TUNED, batch_queued_prefill=True))
@@ -109,6 +110,14 @@ class KvPolicy:
 
     def on_finish(self, request_id: str) -> None:
         self.router.finish(request_id)
+
+    def board_load(self, worker_id: str) -> tuple[int, int]:
+        """This router's KV blocks and queued prefill tokens on a worker, for the load board."""
+        return self.router.own_load(worker_id)
+
+    def share_board(self, board: LoadBoard) -> None:
+        """Several frontends: add the other routers' blocks and queued tokens to this one's."""
+        self.router.others_load = lambda ids: board.others(ids)[:, 1:]
 
     async def close(self) -> None:
         for wid in list(self._followers):

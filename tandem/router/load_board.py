@@ -1,20 +1,22 @@
-"""LoadBoard: in-flight request counts per worker, shared by the frontend processes of one host.
+"""LoadBoard: each router's load per worker, shared by the frontend processes of one host.
 
 With `tandem serve --frontends N`, N processes accept on one port and each routes its own requests.
 A least-loaded pick needs every router's count, not one router's share: two routers that each split
 their 8 requests 4/4 can still leave one worker with 9 and the other with 7, and a worker with 9
 cannot keep one batch (see docs/benchmarks.md, session 13). So each router writes its own counts to
-a row of a small shared-memory table, and adds the other rows to its own when it picks.
+a row of a small shared-memory table, and adds the other rows to its own when it picks (the KV
+router likewise for the KV blocks and queued prefill tokens it weighs).
 
 Layout (native int64s): a header (`generation`), a column table (one worker-id hash per column, 0
-when free) and one row of counts per frontend, plus one `ready` word per row.
+when free), one `ready` word per row (the port of that frontend's own listener) and one row of
+loads per frontend (FIELDS per worker: requests, KV blocks, queued prefill tokens).
 
-    [generation][hash x columns][ready x rows][count x rows x columns]
+    [generation][hash x columns][ready x rows][load x rows x columns x FIELDS]
 
 Who writes what: the owner (the `tandem serve` process) assigns columns to workers as they come and
 go, and bumps `generation`; each router writes only its own row and its own `ready` word. So no
-two processes write one word, and no lock is needed. A router writes the absolute count of its
-own in-flight requests (not +1/-1), and rewrites its whole row when the column table changes, so a
+two processes write one word, and no lock is needed. A router writes the absolute load of its
+own requests (not +1/-1), and rewrites its whole row when the column table changes, so a
 column handed to a new worker carries no stale count for longer than one of that router's updates.
 
 Why by hand: the standard library's `multiprocessing.shared_memory` registers the segment with a
@@ -28,13 +30,22 @@ import hashlib
 import mmap
 import os
 import uuid
-from array import array
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+
+import numpy as np
 
 SHM_DIR = Path("/dev/shm")
 WORD = 8
 DEFAULT_COLUMNS = 4096
+FIELDS = ("requests", "blocks", "queued_prefill_tokens")
+"""What a router publishes per worker: its in-flight requests there, the KV blocks they hold (the
+KV router's measure; 0 for other policies) and their prompt tokens still waiting for prefill."""
+Load = tuple[int, int, int]
+
+
+def _size(rows: int, columns: int) -> int:
+    return WORD * (1 + columns + rows + rows * columns * len(FIELDS))
 
 
 def worker_key(worker_id: str) -> int:
@@ -56,7 +67,7 @@ class LoadBoard:
         self.rows = rows
         self.columns = columns
         self._owner_fd = owner_fd
-        size = WORD * (1 + columns + rows + rows * columns)
+        size = _size(rows, columns)
         fd = os.open(path, os.O_RDWR)
         try:
             self._map = mmap.mmap(fd, size)
@@ -65,7 +76,10 @@ class LoadBoard:
         self._words = memoryview(self._map).cast("q")
         self._hashes = 1
         self._ready = 1 + columns
-        self._counts = 1 + columns + rows
+        self._cells = np.frombuffer(
+            self._map, np.int64, rows * columns * len(FIELDS), WORD * (1 + columns + rows)
+        ).reshape(rows, columns, len(FIELDS))
+        """Each row's loads: rows x columns x FIELDS."""
         self._generation = -1
         self._columns: dict[int, int] = {}
         """worker key -> column, as of `_generation`."""
@@ -75,6 +89,8 @@ class LoadBoard:
         """The generation this router's row was last rewritten for."""
         self._cursor = -1
         """The owner: the column it gave out last."""
+        self._gather: dict[tuple[str, ...], tuple[np.ndarray, np.ndarray]] = {}
+        """worker ids -> their columns and which have none (`others` reads the same lists)."""
 
     @classmethod
     def create(cls, rows: int, columns: int = DEFAULT_COLUMNS, row: int = 0) -> LoadBoard:
@@ -83,7 +99,7 @@ class LoadBoard:
         created = SHM_DIR / f"tandem-load-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         fd = os.open(created, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.ftruncate(fd, WORD * (1 + columns + rows + rows * columns))
+            os.ftruncate(fd, _size(rows, columns))
         finally:
             created.unlink()
         return cls(f"/proc/{os.getpid()}/fd/{fd}", rows, columns, row, owner_fd=fd)
@@ -93,6 +109,7 @@ class LoadBoard:
         return cls(path, rows, columns, row)
 
     def close(self) -> None:
+        del self._cells  # the map cannot close while an array looks into it
         self._words.release()
         self._map.close()
         if self._owner_fd >= 0:
@@ -132,8 +149,7 @@ class LoadBoard:
         """Forget a router that stopped (its requests died with it)."""
         self._check_row(row, self.rows)
         self._words[self._ready + row] = 0
-        start = self._counts + row * self.columns
-        self._words[start : start + self.columns] = memoryview(array("q", [0]) * self.columns)
+        self._cells[row] = 0
 
     def ready_rows(self) -> int:
         return sum(1 for r in range(self.rows) if self._words[self._ready + r])
@@ -151,34 +167,36 @@ class LoadBoard:
             raise ValueError("a ready router gives the port of its own listener")
         self._words[self._ready + self.row] = port
 
-    def write(self, worker_id: str, count: int, all_counts: dict[str, int]) -> None:
-        """Publish this router's in-flight `count` on `worker_id`. `all_counts` (every worker's
-        count at this router) rewrites the row when the column table changed since the last call."""
+    def write(self, worker_id: str, load: Load, all_loads: Callable[[], dict[str, Load]]) -> None:
+        """Publish this router's `load` (FIELDS) on `worker_id`. `all_loads()` (every worker's, at
+        this router) rewrites the row instead when the column table changed since the last call."""
         self._refresh()
         if self._row_generation != self._generation:
-            self._rewrite(all_counts)
+            self._rewrite(all_loads())
             return
         c = self._column(worker_id)
         if c is not None:
-            self._words[self._counts + self.row * self.columns + c] = count
+            self._cells[self.row, c] = load
 
-    def others(self, worker_ids: list[str]) -> list[int]:
-        """For each worker, the in-flight requests the other routers have on it."""
+    def others(self, worker_ids: Sequence[str]) -> np.ndarray:
+        """For each worker, what the other routers have on it: an int64 array (workers x FIELDS)."""
         self._refresh()
-        words, counts, column, row = self._words, self._counts, self._column, self.row
-        stride = self.columns
-        out = []
-        for w in worker_ids:
-            c = column(w)
-            if c is None:
-                out.append(0)
-                continue
-            total = 0
-            for r in range(self.rows):
-                if r != row:
-                    total += words[counts + r * stride + c]
-            out.append(total)
-        return out
+        ids = tuple(worker_ids)
+        found = self._gather.get(ids)
+        if found is None:
+            if len(self._gather) >= 16:  # membership churn: start over rather than grow
+                self._gather.clear()
+            known = [self._column(w) for w in ids]
+            found = self._gather[ids] = (
+                np.array([-1 if c is None else c for c in known], np.intp),
+                np.array([c is None for c in known], bool),
+            )
+        cols, missing = found
+        cells = self._cells[:, cols]
+        total = cells.sum(axis=0) - cells[self.row]
+        if missing.any():
+            total[missing] = 0
+        return total
 
     def _column(self, worker_id: str) -> int | None:
         try:
@@ -195,16 +213,16 @@ class LoadBoard:
         words, base = self._words, self._hashes
         self._columns = {words[base + c]: c for c in range(self.columns) if words[base + c]}
         self._by_id.clear()
+        self._gather.clear()
         self._generation = generation
 
-    def _rewrite(self, all_counts: dict[str, int]) -> None:
-        values = [0] * self.columns
-        for w, n in all_counts.items():
+    def _rewrite(self, all_loads: dict[str, Load]) -> None:
+        row = np.zeros((self.columns, len(FIELDS)), np.int64)
+        for w, load in all_loads.items():
             c = self._column(w)
             if c is not None:
-                values[c] = n
-        start = self._counts + self.row * self.columns
-        self._words[start : start + self.columns] = memoryview(array("q", values))
+                row[c] = load
+        self._cells[self.row] = row
         self._row_generation = self._generation
 
     @staticmethod

@@ -181,12 +181,19 @@ def test_serve_busy_limit_queues_then_sheds_with_503(tiny_model: Path, tmp_path:
         ]
         assert sum(float(line.split()[-1]) for line in decisions) == 6.0, decisions  # 4 + 2: not the 3rd
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _stop(proc, 30)
+
+
+def _stop(proc: subprocess.Popen[str], timeout: float) -> None:
+    """SIGTERM `tandem serve` (it drains), and kill it if it is still up after `timeout` s."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def _wait_ready(proc: subprocess.Popen[str], port: int, detail: str = "") -> str:

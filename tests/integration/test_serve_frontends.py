@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tandem.models.tiny import write_tiny_model
 from tests.integration.servers import free_port
-from tests.integration.test_serve import _alive, _wait_ready
+from tests.integration.test_serve import _alive, _stop, _wait_ready
 
 pytestmark = pytest.mark.slow
 
@@ -146,13 +146,7 @@ def test_two_frontend_processes_share_the_port_the_load_and_the_metrics(
                 r = client.post(f"{base}/v1/completions", json=body)
             assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        _stop(proc, 60)
         log.close()
     assert proc.returncode == 0
     deadline = time.monotonic() + 5

@@ -233,12 +233,57 @@ async def test_least_loaded_adds_the_other_frontends_counts_from_the_load_board(
     for gen in held:
         await gen.aclose()
     assert second.board is not None
-    assert second.board.others(["w0", "w1"]) == [0, 0]  # the first's, all ended
-    assert owner.others(["w0", "w1"]) == [0, 1]  # the second's
+    assert second.board.others(["w0", "w1"])[:, 0].tolist() == [0, 0]  # the first's, all ended
+    assert owner.others(["w0", "w1"])[:, 0].tolist() == [0, 1]  # the second's
     for gen in (alone, shared):
         await gen.aclose()
     for backend in (first, second, lone):
         await backend.close()
+    second.board.close()
+    owner.close()
+    for w in workers:
+        await w.stop()
+
+
+async def test_kv_routers_of_two_frontends_weigh_each_others_blocks(model_dir: Path) -> None:
+    # The KV router counts load in KV blocks and queued prefill tokens; with a board, a second
+    # frontend's router adds what the first has on each worker.
+    d = MemoryDiscovery()
+    workers = await _start(model_dir, d, 2)
+    owner = LoadBoard.create(2, 16)
+    owner.assign(w.worker_id for w in workers)
+    first = RouterBackend(d, "kv", board=owner)
+    second = RouterBackend(d, "kv", board=LoadBoard.attach(owner.path, 2, 16, 1))
+
+    def long(rid: str, i: int) -> GenerateRequest:  # 200-token prompts with no shared prefix
+        return GenerateRequest(rid, "simmodel", [100 * i + k for k in range(1, 200)], SamplingSpec(10_000))
+
+    held = []
+    for i in range(3):
+        gen = first.generate(long(f"a{i}", i))
+        await next_output(gen)
+        held.append(gen)
+    on = dict(first.in_flight)
+    busier = max(on, key=lambda w: on[w])
+    assert sorted(on.values()) == [1, 2]
+    loads = dict(zip(["w0", "w1"], owner.others(["w0", "w1"]).tolist(), strict=True))
+    assert loads == {"w0": [0, 0, 0], "w1": [0, 0, 0]}  # the second has nothing yet
+    seen = second.board.others(["w0", "w1"]) if second.board else None
+    assert seen is not None and seen[:, 0].tolist() == [on.get("w0", 0), on.get("w1", 0)]
+    assert all(blocks > 0 for blocks in seen[:, 1])  # 200-token prompts hold blocks on both
+    # Alone, a router sees two idle workers and the tie goes to the busier one; the second does not.
+    lone = RouterBackend(d, "kv")
+    alone = lone.generate(long("alone", 4))
+    await next_output(alone)
+    assert list(lone.in_flight) == [busier]
+    gen = second.generate(long("b", 3))
+    await next_output(gen)
+    assert list(second.in_flight) == [w for w in ("w0", "w1") if w != busier]
+    for g in [*held, alone, gen]:
+        await g.aclose()
+    for backend in (first, second, lone):
+        await backend.close()
+    assert second.board is not None
     second.board.close()
     owner.close()
     for w in workers:
