@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 FRONTEND = "frontend-"
 """Name prefix of the other frontend processes among the launcher's children (frontend-1, ...)."""
+RESTARTS = 3
+RESTART_WINDOW = 60.0
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -314,16 +316,31 @@ async def _wait_ready(
 
 
 async def _supervise(launcher: LocalLauncher, stop: asyncio.Event, board: LoadBoard | None) -> None:
-    """Serve until told to stop; a worker that dies is reported (the router already skips it), a
-    frontend process that dies is reported and its in-flight counts leave the load board."""
-    reported: set[str] = set()
+    """Serve until told to stop. A worker that dies is reported (the router already skips it). A
+    frontend process that dies is reported, its load leaves the board, and it is started again
+    (its connections are lost; new ones go to the others until it listens again), unless it died
+    `RESTARTS` times within `RESTART_WINDOW` seconds."""
+    reported: set[int] = set()
+    restarts: dict[str, list[float]] = {}
+    loop = asyncio.get_running_loop()
     while not stop.is_set():
         for c in launcher.exited():
-            if c.worker_id not in reported:
-                reported.add(c.worker_id)
-                if board is not None and c.worker_id.startswith(FRONTEND):
-                    board.clear_row(int(c.worker_id.removeprefix(FRONTEND)))
-                log.error("%s exited with code %s", c.worker_id, c.proc.returncode)
+            if c.pid in reported:
+                continue
+            reported.add(c.pid)
+            log.error("%s exited with code %s", c.worker_id, c.proc.returncode)
+            if board is None or not c.worker_id.startswith(FRONTEND):
+                continue
+            board.clear_row(int(c.worker_id.removeprefix(FRONTEND)))
+            recent = [t for t in restarts.get(c.worker_id, []) if t > loop.time() - RESTART_WINDOW]
+            if len(recent) >= RESTARTS:
+                log.error(
+                    "%s died %d times in %.0f s: not restarted", c.worker_id, len(recent), RESTART_WINDOW
+                )
+                continue
+            restarts[c.worker_id] = [*recent, loop.time()]
+            await launcher.spawn_command(c.worker_id, c.command)
+            log.warning("%s restarted", c.worker_id)
         try:
             await asyncio.wait_for(stop.wait(), 1.0)
         except TimeoutError:

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 class ChildProcess:
     worker_id: str
     proc: asyncio.subprocess.Process
+    command: list[str] = field(default_factory=list)
     log_file: IO[bytes] | None = None
     forwarder: asyncio.Task[None] | None = field(default=None, repr=False)
 
@@ -89,7 +90,7 @@ class LocalLauncher:
             start_new_session=True,
             preexec_fn=functools.partial(_child_setup, cpus),
         )
-        child = ChildProcess(worker_id, proc, log_file)
+        child = ChildProcess(worker_id, proc, cmd, log_file)
         if log_file is None:
             child.forwarder = asyncio.create_task(_forward(worker_id, proc), name=f"log-{worker_id}")
         self.children.append(child)

@@ -2,8 +2,8 @@
 
 What a user checks: connections land on both processes; least-loaded stays balanced over the
 whole deployment (each process adds the other's in-flight counts); /metrics from either process
-counts both; a frontend that dies leaves the deployment serving; SIGTERM lets the open streams of
-both processes finish, then everything exits.
+counts both; a frontend that dies leaves the deployment serving and is started again; SIGTERM lets
+the open streams of both processes finish, then everything exits.
 """
 
 from __future__ import annotations
@@ -134,17 +134,27 @@ def test_two_frontend_processes_share_the_port_the_load_and_the_metrics(
 
         asyncio.run(balanced_and_counted())
 
-        # A frontend process that dies: the deployment keeps serving on the other one.
+        # A frontend process that dies: the deployment keeps serving, and it is started again.
         os.kill(frontends[0], signal.SIGKILL)
         deadline = time.monotonic() + 10
-        while "frontend-1 exited" not in (tmp_path / "serve.log").read_text():
-            assert time.monotonic() < deadline, "the frontend's death was not reported"
+        while "frontend-1 restarted" not in (tmp_path / "serve.log").read_text():
+            assert time.monotonic() < deadline, "the frontend's death was not handled"
             time.sleep(0.1)
         for _ in range(6):
             with httpx.Client(timeout=30) as client:
                 body = {"model": "tiny", "prompt": "hi", "max_tokens": 3}
                 r = client.post(f"{base}/v1/completions", json=body)
             assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+        children = [int(p) for p in subprocess.check_output(["pgrep", "-P", str(proc.pid)]).split()]
+        assert frontends[0] not in children and len(children) == 3
+        deadline = time.monotonic() + 60
+        while True:  # the new frontend-1 serves (it shows in the merged metrics once ready)
+            with httpx.Client(timeout=10) as client:
+                body = client.get(f"{base}/metrics").text
+            if 'tandem_frontend_inflight_requests{frontend="1"}' in body:
+                break
+            assert time.monotonic() < deadline, "frontend-1 did not come back"
+            time.sleep(0.5)
     finally:
         _stop(proc, 60)
         log.close()
