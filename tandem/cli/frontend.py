@@ -87,7 +87,7 @@ async def serve_frontend(
             await asyncio.sleep(0.05)
         frontend = server.config.app.state.frontend
         await frontend.warm_up()
-        sock = listen(spec.host, spec.port, reuse_port=True)
+        sock = listen(spec.host, spec.port, reuse_port=True, first=False)
         own = listen("127.0.0.1", 0)
         join_board(frontend.metrics, board)
         http_task = asyncio.create_task(server.serve(sockets=[sock, own]), name="http")
@@ -152,11 +152,20 @@ def uvicorn_config(backend: RouterBackend) -> Any:
     )
 
 
-def listen(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
-    """The HTTP listener. `reuse_port`: other frontend processes of this deployment listen too."""
+def listen(host: str, port: int, *, reuse_port: bool = False, first: bool = True) -> socket.socket:
+    """The HTTP listener. `reuse_port`: other frontend processes of this deployment listen too;
+    `first` (the deployment's first frontend): the port must be free, not merely shareable."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    if reuse_port and first:
+        # With SO_REUSEPORT, any process of this user that sets it too may bind the same port, so
+        # a second deployment started on a busy port would silently take half its connections.
+        # A plain bind fails on a port anyone holds: try one first.
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
     # We bind the socket ourselves: TCP_NODELAY set on the listener is inherited by every accepted
     # connection, so SSE token events leave without waiting for delayed ACKs.
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if reuse_port:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)

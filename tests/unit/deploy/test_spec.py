@@ -163,3 +163,22 @@ def test_a_deployment_file_asks_for_frontend_processes_and_round_trips() -> None
     assert DeploymentSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
     with pytest.raises(ValueError, match="frontends"):
         DeploymentSpec.from_dict({"model": "m", "frontend": {"processes": 0}, "pools": [{"name": "w"}]})
+
+
+def test_the_first_frontend_refuses_a_port_another_deployment_shares() -> None:
+    # Another deployment's frontends hold the port with SO_REUSEPORT: a new deployment must not
+    # join them (it would take half of their connections); its later frontends may.
+    import socket
+
+    from tandem.cli.frontend import listen
+
+    other = listen("127.0.0.1", 0, reuse_port=True)
+    port = other.getsockname()[1]
+    with pytest.raises(OSError):
+        listen("127.0.0.1", port, reuse_port=True)
+    joined = listen("127.0.0.1", port, reuse_port=True, first=False)
+    for s in (joined, other):
+        s.close()
+    free = listen("127.0.0.1", port, reuse_port=True)  # free again: the first one binds
+    assert free.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 1
+    free.close()
