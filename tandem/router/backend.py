@@ -13,9 +13,10 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from contextlib import aclosing
 from functools import partial
+from itertools import repeat
 
 import msgspec
 
@@ -313,19 +314,11 @@ class RouterBackend:
         # other's counts; routers without a board balance their own share.
         # One comprehension with locals: this runs per request over every candidate (1,000 workers).
         in_flight = self.in_flight
-        if self.board is None:
-            return [
-                WorkerLoad(
-                    w.worker_id,
-                    w.load.num_used_blocks,
-                    0,
-                    in_flight[w.worker_id],
-                    w.num_blocks,
-                    w.max_num_batched_tokens,
-                )
-                for w in candidates
-            ]
-        others = self.board.others([w.worker_id for w in candidates])[:, 0].tolist()
+        others: Iterable[int] = (
+            repeat(0)
+            if self.board is None
+            else self.board.others([w.worker_id for w in candidates])[:, 0].tolist()
+        )
         return [
             WorkerLoad(
                 w.worker_id,
@@ -335,5 +328,5 @@ class RouterBackend:
                 w.num_blocks,
                 w.max_num_batched_tokens,
             )
-            for w, n in zip(candidates, others, strict=True)
+            for w, n in zip(candidates, others, strict=False)
         ]

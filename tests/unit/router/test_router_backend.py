@@ -214,10 +214,7 @@ async def test_least_loaded_adds_the_other_frontends_counts_from_the_load_board(
     # lowest id). With the board it sees 2 and 1, and picks w1.
     d = MemoryDiscovery()
     workers = await _start(model_dir, d, 2)
-    owner = LoadBoard.create(2, 16)
-    owner.assign(w.worker_id for w in workers)
-    first = RouterBackend(d, "least-loaded", board=owner)
-    second = RouterBackend(d, "least-loaded", board=LoadBoard.attach(owner.path, 2, 16, 1))
+    owner, first, second = _two_frontends(d, workers, "least-loaded")
     held = [first.generate(_req(f"a{i}", n=10_000)) for i in range(3)]
     for gen in held:
         await next_output(gen)
@@ -237,12 +234,7 @@ async def test_least_loaded_adds_the_other_frontends_counts_from_the_load_board(
     assert owner.others(["w0", "w1"])[:, 0].tolist() == [0, 1]  # the second's
     for gen in (alone, shared):
         await gen.aclose()
-    for backend in (first, second, lone):
-        await backend.close()
-    second.board.close()
-    owner.close()
-    for w in workers:
-        await w.stop()
+    await _close(owner, [first, second, lone], workers)
 
 
 async def test_kv_routers_of_two_frontends_weigh_each_others_blocks(model_dir: Path) -> None:
@@ -250,10 +242,7 @@ async def test_kv_routers_of_two_frontends_weigh_each_others_blocks(model_dir: P
     # frontend's router adds what the first has on each worker.
     d = MemoryDiscovery()
     workers = await _start(model_dir, d, 2)
-    owner = LoadBoard.create(2, 16)
-    owner.assign(w.worker_id for w in workers)
-    first = RouterBackend(d, "kv", board=owner)
-    second = RouterBackend(d, "kv", board=LoadBoard.attach(owner.path, 2, 16, 1))
+    owner, first, second = _two_frontends(d, workers, "kv")
 
     def long(rid: str, i: int) -> GenerateRequest:  # 200-token prompts with no shared prefix
         return GenerateRequest(rid, "simmodel", [100 * i + k for k in range(1, 200)], SamplingSpec(10_000))
@@ -281,10 +270,25 @@ async def test_kv_routers_of_two_frontends_weigh_each_others_blocks(model_dir: P
     assert list(second.in_flight) == [w for w in ("w0", "w1") if w != busier]
     for g in [*held, alone, gen]:
         await g.aclose()
-    for backend in (first, second, lone):
+    await _close(owner, [first, second, lone], workers)
+
+
+def _two_frontends(
+    d: MemoryDiscovery, workers: list[Worker], policy: str
+) -> tuple[LoadBoard, RouterBackend, RouterBackend]:
+    """Two frontends' routers over one board: the owner's (row 0) and a second one's (row 1)."""
+    owner = LoadBoard.create(2, 16)
+    owner.assign(w.worker_id for w in workers)
+    first = RouterBackend(d, policy, board=owner)
+    second = RouterBackend(d, policy, board=LoadBoard.attach(owner.path, 2, 16, 1))
+    return owner, first, second
+
+
+async def _close(owner: LoadBoard, backends: list[RouterBackend], workers: list[Worker]) -> None:
+    for backend in backends:
         await backend.close()
-    assert second.board is not None
-    second.board.close()
+        if backend.board is not None and backend.board is not owner:
+            backend.board.close()
     owner.close()
     for w in workers:
         await w.stop()
