@@ -47,11 +47,13 @@ STRESS_COUNTS = {1: (1500, 100), 16: (4000, 200), 64: (6000, 300)}
 TANDEM_SYSTEMS = {"tandem-rr": "round-robin", "tandem-ll": "least-loaded", "tandem-kv": "kv"}
 """Tandem rows by name -> the router policy they run. Suffixes set worker flags, so variants share a
 run: `:dF` `--scheduler-delay-factor F` (e.g. `tandem-rr:d0.5`), `:rN` `--regroup-steps N`, `:wN`
-`--regroup-window-steps N` (e.g. `tandem-ll:r2:w6`), `:fN` `--frontends N` (e.g. `tandem-ll:f2`)."""
+`--regroup-window-steps N` (e.g. `tandem-ll:r2:w6`), `:eN` `--regroup-expect-steps N`, `:fN`
+`--frontends N` (e.g. `tandem-ll:f2`)."""
 VARIANT_FLAGS = {
     "d": "--scheduler-delay-factor",
     "r": "--regroup-steps",
     "w": "--regroup-window-steps",
+    "e": "--regroup-expect-steps",
     "f": "--frontends",
 }
 SLOW_STOCK_C1 = 5  # stock Dynamo waits ~40 ms per chunk on Nagle at c=1: fewer requests, same shape

@@ -94,6 +94,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "regroup hold (default 2)",
     )
     p.add_argument(
+        "--regroup-expect-steps",
+        type=float,
+        default=None,
+        help="workers: hold up to this many decode-step times for prompts the router announced, "
+        "when they complete a turnover (default 4, 0: off)",
+    )
+    p.add_argument(
         "--registry-port",
         type=int,
         default=0,

@@ -64,6 +64,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="requests that finished at most this many decode-step times before a new prompt count "
         "as ones whose replacements may still come (see --regroup-steps)",
     )
+    p.add_argument(
+        "--regroup-expect-steps",
+        type=float,
+        default=EngineConfig.regroup_expect_steps,
+        help="hold new prompts up to this many decode-step times while prompts a router announced "
+        "would complete the turnover (see --regroup-steps; 0: ignore announcements)",
+    )
     p.add_argument("--lease-ttl", type=float, default=3.0, help="seconds without heartbeat before expiry")
     p.add_argument("--drain-timeout", type=float, default=30.0)
     p.add_argument(

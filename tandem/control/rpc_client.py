@@ -167,6 +167,11 @@ class RpcConnection:
         self._out.send(data)
         return stream
 
+    def notify(self, call: Call) -> None:
+        """Send `call` as a notice (sid 0): the server acts on it and answers nothing."""
+        if not self.closed:
+            self._out.send(encode_frame(Open(0, call), self._max))
+
     async def close(self) -> None:
         self._fail_all(WorkerLostError(f"connection to {self.address} was closed"))
         self._heartbeat_task.cancel()
@@ -278,6 +283,15 @@ class RpcClientPool:
 
     async def open(self, address: str, call: Call) -> RpcStream:
         return (await self.connection(address)).open(call)
+
+    def notify(self, address: str, call: Call) -> bool:
+        """Send a notice (`RpcConnection.notify`) on a live connection to `address`, without
+        waiting: False (nothing sent) when there is none yet."""
+        live = [c for c in self._conns.get(address, ()) if not c.closed]
+        if not live:
+            return False
+        min(live, key=lambda c: c.num_streams).notify(call)
+        return True
 
     async def call(self, address: str, call: Call) -> Any:
         """A unary call's reply body."""

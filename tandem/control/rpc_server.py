@@ -5,7 +5,8 @@ before returning (a worker hands a request to its engine) happens as the frame i
 event-loop turn later in the stream's task. It raises a `TandemError` to refuse the call.
 `EngineOutput`s become `Tokens` frames (merged when the client lags), other results become `Reply`
 frames; when the iterator ends the stream gets `End`, when it raises a `TandemError` the stream gets
-`Fail` with the error's code.
+`Fail` with the error's code. An `Open` with sid 0 is a notice: the handler is called for its effect
+and nothing is sent back (its results, if any, are dropped; an error is logged).
 A `Cancel` frame, or the connection closing, cancels the stream's task: the handler's `finally`
 blocks run (a worker's handler aborts the engine request there, which frees its KV).
 """
@@ -146,6 +147,9 @@ class _ServerConnection:
         self._watchdog = loop.call_later(self.server.client_timeout - idle, self._watch, loop, serving)
 
     def _open(self, frame: Open) -> None:
+        if frame.sid == 0:
+            self._notice(frame)
+            return
         if frame.sid in self.tasks:
             self.out.send(Fail(frame.sid, "invalid_request_error", "stream id already in use"))
             return
@@ -162,6 +166,15 @@ class _ServerConnection:
         # A task cancelled before its first step never enters `_run_call`: close its items here.
         task.add_done_callback(lambda t: _close_soon(items) if t.cancelled() else None)
         self.tasks[frame.sid] = task
+
+    def _notice(self, frame: Open) -> None:
+        try:
+            items = self.server.handler(frame.call)
+        except Exception as e:  # nobody waits for an answer: say it here
+            log.warning("%s: notice %s failed: %s", self.server.name, type(frame.call).__name__, e)
+            return
+        if hasattr(items, "aclose"):
+            _close_soon(items)
 
     async def close(self) -> None:
         for task in self.tasks.values():

@@ -31,6 +31,7 @@ ENGINE_ARGS = (
     "scheduler_delay_factor",
     "regroup_steps",
     "regroup_window_steps",
+    "regroup_expect_steps",
 )
 
 

@@ -63,6 +63,13 @@ class _Abort:
 
 
 @dataclass
+class _Expect:
+    request_id: str
+    at: float
+    """When the announcement came (`EngineCore.clock`), like `_Add.arrival`."""
+
+
+@dataclass
 class _Call:
     """Run `fn(core)` on the engine thread between steps (the core is not thread-safe)."""
 
@@ -74,7 +81,7 @@ class _Call:
 class AsyncEngine:
     def __init__(self, core: EngineCore, name: str = "engine") -> None:
         self.core = core
-        self._inbox: queue.SimpleQueue[_Add | _Abort | _Call | None] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[_Add | _Abort | _Expect | _Call | None] = queue.SimpleQueue()
         self._streams: dict[str, _Add] = {}
         self._accepted: list[_Add] = []
         self._stats = core.stats()
@@ -114,6 +121,10 @@ class AsyncEngine:
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(_Abort(request_id))
+
+    def expect(self, request_id: str) -> None:
+        """A router has picked this engine for `request_id`, which will be submitted soon."""
+        self._inbox.put(_Expect(request_id, self.core.clock()))
 
     async def run_on_engine(self, fn: Callable[[EngineCore], T]) -> T:
         """`fn(core)` run on the engine thread between two steps (e.g. a consistent KV dump)."""
@@ -164,9 +175,12 @@ class AsyncEngine:
             self._stats = core.stats()
             self._deliver(outputs)
 
-    def _handle(self, msg: _Add | _Abort | _Call) -> None:
+    def _handle(self, msg: _Add | _Abort | _Expect | _Call) -> None:
         if isinstance(msg, _Abort):
             self.core.abort(msg.request_id)
+            return
+        if isinstance(msg, _Expect):
+            self.core.scheduler.expect(msg.request_id, msg.at)
             return
         if isinstance(msg, _Call):
             try:

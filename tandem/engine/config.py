@@ -46,6 +46,12 @@ class EngineConfig:
     its batch ended (past 2 steps, 11.6 ms); a window of 6 then regrouped it, but also held c=64's
     first replacements, whose batch comes in over 20-60 ms (docs/benchmarks.md, session 14)."""
 
+    regroup_expect_steps: float = 4.0
+    """The hold's limit while prompts that routers announced (picked for this worker as they reached
+    the frontend, before tokenization) would complete a turnover and can arrive in time: it waits for
+    them up to this many decode steps instead of `regroup_steps` (why: `tandem.engine.regroup`;
+    measured: docs/benchmarks.md, session 17). 0: ignore announcements."""
+
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
@@ -61,5 +67,7 @@ class EngineConfig:
             raise ValueError(f"scheduler_delay_factor must be in [0, 100], got {self.scheduler_delay_factor}")
         if not 0 <= self.regroup_steps <= 100:
             raise ValueError(f"regroup_steps must be in [0, 100], got {self.regroup_steps}")
+        if not 0 <= self.regroup_expect_steps <= 100:
+            raise ValueError(f"regroup_expect_steps must be in [0, 100], got {self.regroup_expect_steps}")
         if not 0 <= self.regroup_window_steps <= 100:
             raise ValueError(f"regroup_window_steps must be in [0, 100], got {self.regroup_window_steps}")

@@ -1,8 +1,10 @@
 """RegroupHold: when nothing decodes, when to let new prompts start (`EngineConfig.regroup_steps`).
 
-    hold = RegroupHold(steps=2.0, window_steps=2.0)
+    hold = RegroupHold(steps=2.0, window_steps=2.0, expect_steps=4.0)
     hold.decode_step(seconds)          # after each step that computed no prompt tokens
     hold.finished(now)                 # each request that finished here (not one handed to a peer)
+    hold.expect(request_id, now)       # a router says this request is on its way here
+    hold.arrived(request_id)           # ... and here it is
     until = hold.until(arrivals, now)  # None: start the waiting prompts now; else hold them until then
 
 Why: a closed loop's clients send their next requests as their last ones end, and a frontend takes
@@ -10,22 +12,40 @@ them in one by one over a few ms. Started at once, the first would prefill alone
 wait a whole prefill step behind it, so a batch that ended together would not prefill together again.
 So while fewer prompts have arrived than requests finished within the window before the oldest of
 them, the prompts wait, at most the limit after the oldest arrived.
+
+A router that picks the worker when a request reaches the frontend, before its chat template and
+tokenization, announces it (`expect`). The hold then knows what is on its way instead of guessing:
+when the prompts that arrived and the ones announced make up the whole turnover, it waits for the
+announced ones up to the longer `expect_steps` limit. The 2-step guess alone splits a turnover whose
+last prompts the frontend takes in a few ms late (a c=16 closed loop: docs/benchmarks.md, session 15);
+it does not wait longer for a turnover that is not in sight (a c=64 one comes in over 20-80 ms).
 """
 
 from __future__ import annotations
 
 from collections import deque
 
+LAG_WEIGHT = 0.25
+"""Weight of the newest sample in the moving average of announcement-to-arrival times."""
+MAX_EXPECTED = 4096
+"""Announcements kept at most (the oldest go first): a bound, whatever the routers send."""
+
 
 class RegroupHold:
-    def __init__(self, steps: float, window_steps: float) -> None:
-        """`steps`: the limit, and `window_steps`: how long before the oldest waiting prompt a finish
-        still counts, both in multiples of the last decode step's duration."""
+    def __init__(self, steps: float, window_steps: float, expect_steps: float = 0.0) -> None:
+        """`steps`: the limit; `window_steps`: how long before the oldest waiting prompt a finish
+        still counts; `expect_steps`: the limit while announced prompts complete a turnover (and
+        the window for its finishes). All in multiples of the last decode step's duration."""
         self.steps = steps
         self.window_steps = window_steps
+        self.expect_steps = expect_steps
         self.decode_seconds = 0.0
         """The executor's duration of the last step that computed no prompt tokens."""
         self._finishes: deque[float] = deque()
+        self._expected: dict[str, float] = {}
+        """Announced request id -> when the announcement came (dropped on arrival, or when stale)."""
+        self.lag: float | None = None
+        """How long announced requests took to arrive after their announcement (moving average)."""
 
     @property
     def enabled(self) -> bool:
@@ -37,11 +57,35 @@ class RegroupHold:
     def finished(self, now: float) -> None:
         self._finishes.append(now)
 
+    def expect(self, request_id: str, now: float) -> None:
+        if self.enabled and self.expect_steps > 0:
+            if len(self._expected) >= MAX_EXPECTED:
+                del self._expected[next(iter(self._expected))]
+            self._expected[request_id] = now
+
+    def arrived(self, request_id: str, now: float) -> None:
+        if self._expected:
+            announced = self._expected.pop(request_id, None)
+            if announced is not None:
+                lag = max(0.0, now - announced)
+                self.lag = lag if self.lag is None else self.lag + LAG_WEIGHT * (lag - self.lag)
+
+    @property
+    def num_expected(self) -> int:
+        return len(self._expected)
+
     def forget_before(self, now: float) -> None:
-        """Drop finishes no hold can count any more (older than a limit and a window)."""
-        horizon = (self.steps + self.window_steps) * self.decode_seconds
+        """Drop finishes no hold can count any more (older than a limit and a window), and
+        announcements whose request did not come within the longer limit (refused by the frontend,
+        or its client left)."""
+        longest = max(self.steps, self.expect_steps)
+        horizon = (longest + max(self.window_steps, self.expect_steps)) * self.decode_seconds
         while self._finishes and now - self._finishes[0] > horizon:
             self._finishes.popleft()
+        if self._expected:
+            stale = now - self.expect_steps * self.decode_seconds
+            for rid in [rid for rid, t in self._expected.items() if t < stale]:
+                del self._expected[rid]
 
     def until(self, arrivals: list[float], now: float) -> float | None:
         """When the prompts that arrived at `arrivals` may start (None: now)."""
@@ -49,6 +93,10 @@ class RegroupHold:
         if not limit or not arrivals or not self._finishes:
             return None
         oldest = min(arrivals)
+        if self._expected:
+            held = self._until_announced(arrivals, oldest, now)
+            if held is not None:
+                return held
         if now >= oldest + limit:
             return None
         window = self.window_steps * self.decode_seconds
@@ -56,5 +104,24 @@ class RegroupHold:
         if not finished:
             return None
         if sum(1 for t in arrivals if t >= finished[0]) >= len(finished):
+            return None
+        return oldest + limit
+
+    def _until_announced(self, arrivals: list[float], oldest: float, now: float) -> float | None:
+        """The longer hold: the arrived and the announced prompts make up the turnover."""
+        limit = self.expect_steps * self.decode_seconds
+        if now >= oldest + limit:
+            return None
+        stale = now - limit
+        announced = [t for t in self._expected.values() if t >= stale]
+        finished = [t for t in self._finishes if t >= oldest - limit]
+        if not announced or not finished:
+            return None
+        arrived = sum(1 for t in arrivals if t >= finished[0])
+        if arrived >= len(finished) or arrived + len(announced) < len(finished):
+            return None
+        # The last announced prompt, at the usual lag, would come after the limit: the turnover
+        # cannot be gathered, and waiting would only delay the ones here (a c=64 closed loop).
+        if max(announced) + (self.lag or 0.0) > oldest + limit:
             return None
         return oldest + limit

@@ -68,7 +68,9 @@ class Scheduler:
         self._last_step_time: float | None = None
         self._last_step_admitted = False
         self._last_prompt_seconds = 0.0
-        self.regroup = RegroupHold(config.regroup_steps, config.regroup_window_steps)
+        self.regroup = RegroupHold(
+            config.regroup_steps, config.regroup_window_steps, config.regroup_expect_steps
+        )
         self._step_prefills = False
         self.held_until: float | None = None
         """Set when the last `schedule` held prompts back to regroup them: when it lets them start."""
@@ -81,8 +83,14 @@ class Scheduler:
         assert request.request_id not in self.requests, f"duplicate request id {request.request_id}"
         self.requests[request.request_id] = request
         self.waiting.append(request)
+        self.regroup.arrived(request.request_id, request.arrival_time)
         if self.config.scheduler_delay_factor:
             self._arrivals[request.request_id] = self._clock()
+
+    def expect(self, request_id: str, at: float | None = None) -> None:
+        """A router has sent this request here; it will arrive soon (`RegroupHold.expect`). `at`:
+        when the announcement came (the engine's clock; default now)."""
+        self.regroup.expect(request_id, self._clock() if at is None else at)
 
     def abort(self, request_id: str) -> bool:
         """Stop a request wherever it is and free its blocks. False if it is unknown or done."""

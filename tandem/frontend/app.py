@@ -5,8 +5,9 @@ Routes: POST /v1/chat/completions, POST /v1/completions (streaming SSE or not), 
 (Prometheus), /openapi.json. The frontend owns tokenization and detokenization; the backend only
 sees token ids (`tandem.router.interface.Backend`).
 
-A request's path: parse (msgspec) -> resolve the model -> chat template / tokenize -> validate and
-clamp sampling -> `backend.generate` -> `GenerationResponse` (detokenize, stop strings, SSE).
+A request's path: parse (msgspec) -> resolve the model -> `backend.announce` (if it has one: a router
+that picks before tokenization) -> chat template / tokenize -> validate and clamp sampling ->
+`backend.generate` -> `GenerationResponse` (detokenize, stop strings, SSE).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import msgspec
@@ -56,6 +59,9 @@ class _Frontend:
         self.tokenizers = TokenizerCache()
         self.metrics = FrontendMetrics()
         self._lag_task: asyncio.Task[None] | None = None
+        # Optional: a router that picks workers before tokenization (`RouterBackend.announce`).
+        self._announce: Callable[[str, str], None] | None = getattr(backend, "announce", None)
+        self._withdraw: Callable[[str], None] | None = getattr(backend, "withdraw", None)
 
     def watch_loop(self) -> None:
         """Start sampling the event loop's lag into /metrics (call once, on the serving loop)."""
@@ -94,10 +100,15 @@ class _Frontend:
     async def generate(self, request: Request, chat: bool) -> Response:
         started = time.perf_counter()
         endpoint = "chat" if chat else "completions"
+        response_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        announced = False
         try:
             body = await request.body()
             req = _decode(body, chat)
             card = self.resolve(req.model)
+            if self._announce is not None:
+                self._announce(card.name, response_id)
+                announced = True
             tok = await self.tokenizers.get(card.model_dir)
             if isinstance(req, ChatCompletionRequest):
                 prompt_ids = await chat_prompt_ids(tok, req, self.metrics.active == 0)
@@ -106,7 +117,6 @@ class _Frontend:
             prepared = prepare(req, prompt_ids, card.max_model_len)
             if not self.backend.is_ready(card.name):
                 raise OverloadedError(f"no live worker serves the model {card.name!r}; retry shortly")
-            response_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
             outputs = self.backend.generate(
                 GenerateRequest(
                     request_id=response_id,
@@ -115,9 +125,14 @@ class _Frontend:
                     sampling=prepared.sampling,
                 )
             )
-        except TandemError as e:
+        except BaseException as e:
+            if announced and self._withdraw is not None:
+                self._withdraw(response_id)
+            if not isinstance(e, TandemError):
+                raise
             self.metrics.count_request(endpoint, e.http_status)
             return error_response(e)
+        release = partial(self._withdraw, response_id) if announced and self._withdraw else None
         return GenerationResponse(
             Generation(
                 chat=chat,
@@ -132,6 +147,7 @@ class _Frontend:
                 include_usage=req.stream_options is not None and req.stream_options.include_usage,
                 metrics=self.metrics,
                 started=started,
+                release=release,
             )
         )
 

@@ -58,6 +58,14 @@ class LocalBackend:
     def is_ready(self, model: str) -> bool:
         return model == self.card.name and self.engine._thread.is_alive()
 
+    def announce(self, model: str, request_id: str) -> None:
+        """The request is on its way to the engine (see `RouterBackend.announce`)."""
+        if model == self.card.name:
+            self.engine.expect(request_id)
+
+    def withdraw(self, request_id: str) -> None:
+        """Nothing to undo: an announcement that is not followed goes stale in the engine."""
+
     def generate(self, req: GenerateRequest) -> AsyncIterator[EngineOutput]:
         if req.model != self.card.name:
             raise ModelNotFoundError(f"the model {req.model!r} is not served here")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,6 +77,8 @@ class Generation:
     metrics: FrontendMetrics
     started: float
     """`time.perf_counter()` when the HTTP request arrived."""
+    release: Callable[[], None] | None = None
+    """Called once the response has ended: drops the router's early pick if `outputs` never ran."""
 
 
 class GenerationResponse(Response):
@@ -116,6 +118,8 @@ class GenerationResponse(Response):
             running = False
             watcher.cancel()
             await _close(gen.outputs)
+            if gen.release is not None:
+                gen.release()
             gen.metrics.request_ended()
             gen.metrics.count_request(gen.endpoint, self.status)
             p = gen.prepared

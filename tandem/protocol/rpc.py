@@ -12,6 +12,8 @@ that the client chose when it sent `Open` (sid 0 is the connection itself).
                            <-      Reply(sid, body)*      (unary / watch answers)
                            <-      End(sid) | Fail(sid, code, message)
     Cancel(sid)            ->      (client gave up: the server aborts the call, sends nothing more)
+    Open(0, call)          ->      (a notice: the server acts on the call and answers nothing;
+                                    e.g. ExpectCall, a request the router has sent this way)
     Ping(n)                ->
                            <-      Pong(n)
 """
@@ -27,6 +29,14 @@ from tandem.protocol.registry import WorkerInfo, WorkerStats
 
 class GenerateCall(msgspec.Struct, tag="generate", array_like=True):
     request: GenerateRequest
+
+
+class ExpectCall(msgspec.Struct, tag="expect", array_like=True):
+    """A notice (sid 0): a GenerateCall for `request_id` will follow on this connection soon. The
+    router picked this worker as the request reached the frontend, before tokenizing it; the
+    engine's regroup hold waits for it (`tandem.engine.regroup`)."""
+
+    request_id: str
 
 
 class StatsCall(msgspec.Struct, tag="stats", array_like=True):
@@ -70,6 +80,7 @@ class KvDumpCall(msgspec.Struct, tag="kv_dump", array_like=True):
 
 Call = (
     GenerateCall
+    | ExpectCall
     | StatsCall
     | RegisterCall
     | KeepAliveCall

@@ -6,6 +6,11 @@ overloaded) before any output arrived, the next candidate is tried; once output 
 death surfaces as WorkerLostError (resuming on another worker is the fault-tolerance issue's job).
 When the policy finds every worker past its busy limit (BusyError), the request waits in its pool's
 `admission` queue if one is configured (bounded in size and time), else it gets a 503 at once.
+
+announce(): a policy that does not read the prompt (round-robin, random, least-loaded) may pick as
+the request reaches the frontend, before the chat template and tokenizer run; the worker is told
+the request is coming (an `ExpectCall` notice), so an idle engine can wait for a whole turnover of
+a closed loop's requests instead of prefilling the first alone (`tandem.engine.regroup`).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from tandem.control.rpc_client import RpcClientPool
 from tandem.protocol.errors import ModelNotFoundError, OverloadedError, WorkerLostError
 from tandem.protocol.messages import EngineOutput, GenerateRequest
 from tandem.protocol.registry import WorkerInfo
-from tandem.protocol.rpc import GenerateCall, merge_outputs
+from tandem.protocol.rpc import ExpectCall, GenerateCall, merge_outputs
 from tandem.router.admission import AdmissionQueue, AdmissionQueues
 from tandem.router.basic import Policy, make_policy
 from tandem.router.disagg import DisaggPolicy
@@ -75,6 +80,9 @@ class RouterBackend:
             share(board)
         self._cards: dict[str, ModelCard] = {}
         self._last_live: list[WorkerInfo] = []
+        self._pick_early: Callable[[list[WorkerLoad]], str] | None = getattr(self.policy, "pick_early", None)
+        self._reserved: dict[str, str] = {}
+        """Request id -> the worker `announce` picked for it (counted in `in_flight` already)."""
 
     def models(self) -> list[ModelCard]:
         self._live()
@@ -85,6 +93,29 @@ class RouterBackend:
 
     def workers(self) -> list[WorkerInfo]:
         return self._live()
+
+    def announce(self, model: str, request_id: str) -> None:
+        """Pick the worker for `request_id` now, count it there, and tell the worker it is coming.
+        `generate` of the same request id then streams from it (if it is still a candidate);
+        `withdraw` undoes a pick whose request never got that far. A no-op for policies that read
+        the prompt, with an admission queue, and where prefill workers serve the model."""
+        if self._pick_early is None or self.admission is not None:
+            return
+        workers = self._candidates(model)
+        if not workers or any(w.role == "prefill" for w in workers):
+            return
+        chosen = self._pick_early(self._views(workers))
+        self.in_flight[chosen] += 1
+        self._publish(chosen)
+        self._reserved[request_id] = chosen
+        address = next(w.address for w in workers if w.worker_id == chosen)
+        self.pool.notify(address, ExpectCall(request_id))
+
+    def withdraw(self, request_id: str) -> None:
+        """The announced request will not be generated (refused, or its client left first)."""
+        chosen = self._reserved.pop(request_id, None)
+        if chosen is not None:
+            self._uncount(request_id, chosen, None)
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[EngineOutput]:
         workers = self._candidates(req.model)
@@ -198,16 +229,22 @@ class RouterBackend:
 
         admission = None if self.admission is None else self.admission.pool(pool)
         accepted = False
+        reserved = self._reserved.pop(req.request_id, None) if self._reserved else None
         for _ in range(self.max_attempts):
-            worker = place() if admission is None else await admission.place(place)
+            worker = self._reserved_worker(req.request_id, reserved, candidates_of()) if reserved else None
+            counted = worker is not None  # by `announce`
+            reserved = None
+            if worker is None:
+                worker = place() if admission is None else await admission.place(place)
             if worker is None:
                 break
             chosen = worker.worker_id
             tried.add(chosen)
             started = False
-            self.in_flight[chosen] += 1
-            self._publish(chosen)
-            counted = True
+            if not counted:
+                self.in_flight[chosen] += 1
+                self._publish(chosen)
+                counted = True
             try:
                 stream = await self.pool.open(worker.address, GenerateCall(req))
                 async with stream:
@@ -251,6 +288,15 @@ class RouterBackend:
         if last_error is None and not self._known(req.model):
             raise ModelNotFoundError(f"the model {req.model!r} does not exist")
         raise OverloadedError(f"no live worker can serve {req.model!r} now") from last_error
+
+    def _reserved_worker(
+        self, request_id: str, chosen: str, candidates: list[WorkerInfo]
+    ) -> WorkerInfo | None:
+        """The worker `announce` picked, if it is still a candidate; else its count is dropped."""
+        worker = next((w for w in candidates if w.worker_id == chosen), None)
+        if worker is None:
+            self._uncount(request_id, chosen, None)
+        return worker
 
     def _uncount(self, request_id: str, worker_id: str, admission: AdmissionQueue | None) -> None:
         """A request has left `worker_id`: off the policy's and the router's load counts."""

@@ -4,6 +4,10 @@ A `Policy` sees the request and the candidates (live, ready workers of the reque
 `policy.WorkerLoad`) and returns a worker id. It does no I/O; the only state is a counter or a seeded
 RNG, so table tests pin its choices. The pure functions live in `router/policy.py` next to the
 KV-aware one, which slots in behind this same `pick` signature.
+
+These three never look at the prompt, so they also offer `pick_early(candidates)`: the router may
+pick as a request reaches the frontend, before its template and tokenizer run, and tell the worker
+it is coming (`RouterBackend.announce`).
 """
 
 from __future__ import annotations
@@ -31,6 +35,9 @@ class RoundRobin:
         self._counter = 0
 
     def pick(self, request: GenerateRequest, candidates: Sequence[WorkerLoad]) -> str:
+        return self.pick_early(candidates)
+
+    def pick_early(self, candidates: Sequence[WorkerLoad]) -> str:
         assert candidates, "pick() needs at least one candidate"
         # Sorted, so the rotation stays fair while the worker set changes under us.
         choice = pick_round_robin(sorted(candidates, key=lambda w: w.worker_id), self._counter)
@@ -45,6 +52,9 @@ class Random:
         self._rng = random.Random(seed)
 
     def pick(self, request: GenerateRequest, candidates: Sequence[WorkerLoad]) -> str:
+        return self.pick_early(candidates)
+
+    def pick_early(self, candidates: Sequence[WorkerLoad]) -> str:
         assert candidates, "pick() needs at least one candidate"
         return pick_random(list(candidates), self._rng)
 
@@ -55,6 +65,9 @@ class LeastLoaded:
     name = "least-loaded"
 
     def pick(self, request: GenerateRequest, candidates: Sequence[WorkerLoad]) -> str:
+        return self.pick_early(candidates)
+
+    def pick_early(self, candidates: Sequence[WorkerLoad]) -> str:
         assert candidates, "pick() needs at least one candidate"
         return pick_least_loaded(candidates)
 

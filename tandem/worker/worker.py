@@ -37,6 +37,7 @@ from tandem.protocol.messages import EngineOutput, GenerateRequest
 from tandem.protocol.registry import Hardware, Role, WorkerInfo, WorkerLoad, WorkerStats
 from tandem.protocol.rpc import (
     Call,
+    ExpectCall,
     GenerateCall,
     KvDumpCall,
     KvDumpReply,
@@ -226,6 +227,10 @@ class Worker:
         """A call's results. A generate call reaches the engine before this returns."""
         if isinstance(call, GenerateCall):
             return self._generate(call.request)
+        if isinstance(call, ExpectCall):
+            if self.engine is not None and not self.draining:
+                self.engine.expect(call.request_id)
+            return _NO_RESULTS
         return self._serve(call)
 
     def _generate(self, req: GenerateRequest) -> AsyncIterator[EngineOutput]:
@@ -310,3 +315,16 @@ class _Active:
             self._worker._active -= 1
             if self._worker._active == 0:
                 self._worker._idle.set()
+
+
+class _NoResults:
+    """The results of a notice (an `ExpectCall`): none."""
+
+    def __aiter__(self) -> _NoResults:
+        return self
+
+    async def __anext__(self) -> Any:
+        raise StopAsyncIteration
+
+
+_NO_RESULTS = _NoResults()

@@ -192,3 +192,59 @@ def test_backend_crash_is_a_500_in_openai_shape(fake_server: tuple[ThreadedServe
         resp = post_json(server, path, body, timeout=5)
         assert resp.status_code == 500 and resp.json()["error"]["code"] == "internal_error"
     assert httpx.get(server.url + "/v1/chat/completions").status_code == 405
+
+
+class AnnouncingBackend(FakeBackend):
+    """A backend that picks early (`RouterBackend.announce`): records announcements and withdrawals."""
+
+    def __init__(self, model_dir: Path, script: Any) -> None:
+        super().__init__(model_dir, script)
+        self.announced: list[str] = []
+        self.withdrawn: list[str] = []
+        self.generated: list[str] = []
+
+    def announce(self, model: str, request_id: str) -> None:
+        assert model == MODEL
+        self.announced.append(request_id)
+
+    def withdraw(self, request_id: str) -> None:
+        self.withdrawn.append(request_id)
+
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[EngineOutput]:
+        self.generated.append(req.request_id)
+        async for out in super().generate(req):
+            yield out
+
+
+async def _two_tokens(req: GenerateRequest) -> AsyncIterator[EngineOutput]:
+    yield EngineOutput(req.request_id, [300], num_prompt_tokens=5)
+    yield EngineOutput(req.request_id, [301], finish_reason="length")
+
+
+def test_an_early_pick_is_announced_before_tokenizing_and_released_whatever_happens(tiny_dir: Path) -> None:
+    backend = AnnouncingBackend(tiny_dir, _two_tokens)
+    server = ThreadedServer(create_app(backend))
+    try:
+        # Served: the announced id is the request the backend generates; the release at the end
+        # (a no-op for a pick that `generate` took up) comes once.
+        resp = post_json(server, "/v1/chat/completions", chat_body, timeout=5)
+        assert resp.status_code == 200
+        assert backend.announced == backend.generated == backend.withdrawn == [resp.json()["id"]]
+        # Refused after the pick (the prompt is longer than the context): withdrawn, never generated.
+        long = {**chat_body, "messages": [{"role": "user", "content": "Paris " * 400}]}
+        expect_error(post_json(server, "/v1/chat/completions", long, timeout=5), 400)
+        assert len(backend.announced) == 2 and backend.withdrawn == backend.announced
+        assert len(backend.generated) == 1
+        # Refused before the pick (unknown model): nothing announced.
+        expect_error(post_json(server, "/v1/chat/completions", {**chat_body, "model": "nope"}), 404)
+        assert len(backend.announced) == 2
+        # The client leaves before any output: the pick is released.
+        backend.script = _forever
+        with pytest.raises(httpx.ReadTimeout), httpx.Client(timeout=httpx.Timeout(5, read=0.5)) as http:
+            http.post(server.url + "/v1/chat/completions", json={**chat_body, "stream": True})
+        deadline = time.monotonic() + 3
+        while len(backend.withdrawn) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert backend.withdrawn == backend.announced and len(backend.announced) == 3
+    finally:
+        server.stop()

@@ -15,7 +15,7 @@ from tandem.control.rpc_server import RpcServer
 from tandem.protocol.errors import InvalidRequestError, OverloadedError, WorkerLostError
 from tandem.protocol.messages import EngineOutput, GenerateRequest, SamplingSpec
 from tandem.protocol.registry import WorkerLoad, WorkerStats
-from tandem.protocol.rpc import Call, Cancel, GenerateCall, Open, StatsCall
+from tandem.protocol.rpc import Call, Cancel, ExpectCall, GenerateCall, Open, StatsCall
 
 
 class FakeWorker:
@@ -234,5 +234,33 @@ async def test_a_call_cancelled_before_its_stream_starts_is_still_closed() -> No
         await asyncio.sleep(0.01)
     assert closed == ["gone", "kept"]
     writer.close()
+    await pool.close()
+    await server.close()
+
+
+async def test_a_notice_is_acted_on_and_answered_with_nothing() -> None:
+    # Open with sid 0: the handler runs for its effect (a worker notes an announced request); the
+    # client sends it only on a connection that is already open, and a failing notice is logged,
+    # not fatal to the connection.
+    noted: list[str] = []
+    worker = FakeWorker()
+
+    def handler(call: Call) -> Any:
+        if isinstance(call, ExpectCall):
+            if call.request_id == "bad":
+                raise OverloadedError("draining")
+            noted.append(call.request_id)
+            return _Recorded([], call.request_id)
+        return worker.handle(call)
+
+    server = RpcServer(handler)
+    await server.start()
+    pool = RpcClientPool()
+    assert not pool.notify(server.address, ExpectCall("early"))  # no connection yet: nothing sent
+    assert await _collect(pool, server.address, "r", 2) == [0, 1]
+    assert pool.notify(server.address, ExpectCall("bad"))
+    assert pool.notify(server.address, ExpectCall("a"))
+    assert await _collect(pool, server.address, "r2", 2) == [0, 1]  # the frames ahead are read
+    assert noted == ["a"] and server.num_streams == 0
     await pool.close()
     await server.close()

@@ -136,6 +136,7 @@ def test_every_engine_arg_reaches_the_workers_engine() -> None:
         "scheduler_delay_factor": 0.5,
         "regroup_steps": 1.5,
         "regroup_window_steps": 4.0,
+        "regroup_expect_steps": 3.0,
     }
     assert set(values) == set(ENGINE_ARGS)
     parser = argparse.ArgumentParser()

@@ -48,16 +48,22 @@ def _prompts_started(ex: FakeExecutor) -> list[str]:
     return sorted(s.request.request_id for s in ex.steps[-1].scheduled if s.start == 0)
 
 
-def _finished_batch(steps: float = 0.5, window: float = 1.0) -> tuple[EngineCore, _TimedExecutor]:
-    """An engine whose two requests have just finished in one step, at t=20 (hold limit: `steps` x
-    the 10 s decode step; finishes count up to `window` x 10 s before the oldest waiting prompt)."""
+def _finished_batch(
+    steps: float = 0.5, window: float = 1.0, expect: float = 0.0, size: int = 2
+) -> tuple[EngineCore, _TimedExecutor]:
+    """An engine whose `size` requests have just finished in one step, at t=20 (hold limit: `steps` x
+    the 10 s decode step; finishes count up to `window` x 10 s before the oldest waiting prompt;
+    `expect` x 10 s: the limit while announced prompts complete the turnover)."""
     ex = _TimedExecutor()
-    core = EngineCore(EngineConfig(block_size=4, regroup_steps=steps, regroup_window_steps=window), ex)
-    for rid in ("a", "b"):
+    config = EngineConfig(
+        block_size=4, regroup_steps=steps, regroup_window_steps=window, regroup_expect_steps=expect
+    )
+    core = EngineCore(config, ex)
+    for rid in "abcdefgh"[:size]:
         core.add_request([1, 2, 3, 4, 5], TWO, request_id=rid)
     core.step()  # t 0 -> 10: both prefill
     done = core.step()  # t 10 -> 20: both decode their last token
-    assert {o.request_id for o in done if o.finish_reason} == {"a", "b"} and ex.clock.t == 20.0
+    assert {o.request_id for o in done if o.finish_reason} == set("abcdefgh"[:size]) and ex.clock.t == 20.0
     return core, ex
 
 
@@ -135,6 +141,76 @@ def test_no_hold_without_reason() -> None:
     assert not _held(core, ex)
 
 
+def _announce(core: EngineCore, ex: _TimedExecutor, t: float, *rids: str) -> None:
+    ex.clock.t = t
+    for rid in rids:
+        core.scheduler.expect(rid)
+
+
+def test_announced_replacements_are_waited_for_past_the_short_limit() -> None:
+    # c arrives at 21; d, its batch's other replacement, is announced at 23 (a router picked this
+    # worker as d reached the frontend) but is still being tokenized at 26, past the 5 s limit: c
+    # waits for it, up to 21 + 2 x 10 s, and the two prefill together.
+    core, ex = _finished_batch(expect=2.0)
+    _arrive(core, ex, 21.0, "x")
+    _announce(core, ex, 23.0, "y")
+    ex.clock.t = 26.0
+    assert _held(core, ex)
+    assert core.seconds_held() == pytest.approx(15.0)
+    _arrive(core, ex, 34.0, "y")
+    assert not _held(core, ex)
+    assert _prompts_started(ex) == ["x", "y"]
+    assert core.scheduler.regroup.num_expected == 0
+
+
+def test_an_announced_prompt_that_never_comes_is_waited_for_until_the_long_limit_only() -> None:
+    core, ex = _finished_batch(expect=2.0)
+    _arrive(core, ex, 21.0, "x")
+    _announce(core, ex, 22.0, "y")  # then refused by the frontend, say: it never arrives
+    ex.clock.t = 40.9
+    assert _held(core, ex)
+    ex.clock.t = 41.0
+    assert not _held(core, ex)
+    assert _prompts_started(ex) == ["x"]
+    # Forgotten once older than the long limit: it holds no later turnover.
+    assert core.scheduler.regroup.num_expected == 0
+
+
+def test_no_longer_hold_for_a_turnover_not_in_sight() -> None:
+    # Four finished; one arrived and two announced make three: the fourth has not reached the
+    # frontend yet (a c=64 turnover comes in over 20-80 ms). Only the short limit applies.
+    core, ex = _finished_batch(expect=2.0, size=4)
+    _arrive(core, ex, 21.0, "w")
+    _announce(core, ex, 22.0, "x", "y")
+    ex.clock.t = 25.9
+    assert _held(core, ex)
+    ex.clock.t = 26.0
+    assert not _held(core, ex)
+    assert _prompts_started(ex) == ["w"]
+
+
+def test_an_announcement_widens_the_window_in_which_finishes_count() -> None:
+    # x comes 12 s after the batch ended, past the 10 s window, so alone it would start at once;
+    # y announced means the whole turnover (two) is in sight within the 20 s long limit.
+    core, ex = _finished_batch(expect=2.0)
+    _announce(core, ex, 31.0, "y")
+    _arrive(core, ex, 32.0, "x")
+    assert _held(core, ex)
+    _arrive(core, ex, 35.0, "y")
+    assert not _held(core, ex)
+    assert _prompts_started(ex) == ["x", "y"]
+
+
+def test_announcements_are_ignored_when_switched_off() -> None:
+    core, ex = _finished_batch()  # regroup_expect_steps 0
+    _arrive(core, ex, 21.0, "x")
+    _announce(core, ex, 22.0, "y")
+    assert core.scheduler.regroup.num_expected == 0
+    ex.clock.t = 26.0
+    assert not _held(core, ex)
+    assert _prompts_started(ex) == ["x"]
+
+
 class _HandsOff(KVConnectorScheduler, KVConnectorWorker):
     """A prefill side: every finished request's blocks are held for a peer (then read at once)."""
 
@@ -197,6 +273,8 @@ def test_regroup_steps_are_validated() -> None:
         EngineConfig(regroup_steps=-0.1)
     with pytest.raises(ValueError, match="regroup_window_steps"):
         EngineConfig(regroup_window_steps=101)
+    with pytest.raises(ValueError, match="regroup_expect_steps"):
+        EngineConfig(regroup_expect_steps=-1)
 
 
 class _FixedTiming:

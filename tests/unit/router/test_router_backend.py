@@ -119,7 +119,8 @@ async def test_a_request_leaves_the_load_counts_before_its_caller_has_the_end(mo
     d = MemoryDiscovery()
     workers = await _start(model_dir, d, 2)
     backend = RouterBackend(d, "least-loaded")
-    gen = backend.generate(_req("a", n=3))
+    # Long enough that a lagging reader's merged first output cannot hold the finish already.
+    gen = backend.generate(_req("a", n=1000))
     out = await next_output(gen)
     assert dict(backend.in_flight) == {"w0": 1}
     while out.finish_reason is None:
@@ -129,7 +130,7 @@ async def test_a_request_leaves_the_load_counts_before_its_caller_has_the_end(mo
     # A caller that leaves mid-stream takes the request off the counts as it closes the stream.
     left = backend.generate(_req("b", n=10_000))
     await next_output(left)
-    assert dict(backend.in_flight) == {"w0": 1}
+    assert list(backend.in_flight.values()) == [1]  # on either worker (the reports' blocks break ties)
     await left.aclose()
     assert not backend.in_flight
     await backend.close()
