@@ -98,7 +98,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         type=float,
         default=None,
         help="workers: hold up to this many decode-step times for prompts the router announced, "
-        "when they complete a turnover (default 4, 0: off)",
+        "when they complete a turnover (default 0: off)",
     )
     p.add_argument(
         "--registry-port",

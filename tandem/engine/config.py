@@ -46,11 +46,12 @@ class EngineConfig:
     its batch ended (past 2 steps, 11.6 ms); a window of 6 then regrouped it, but also held c=64's
     first replacements, whose batch comes in over 20-60 ms (docs/benchmarks.md, session 14)."""
 
-    regroup_expect_steps: float = 4.0
+    regroup_expect_steps: float = 0.0
     """The hold's limit while prompts that routers announced (picked for this worker as they reached
-    the frontend, before tokenization) would complete a turnover and can arrive in time: it waits for
-    them up to this many decode steps instead of `regroup_steps` (why: `tandem.engine.regroup`;
-    measured: docs/benchmarks.md, session 17). 0: ignore announcements."""
+    the frontend, before tokenization) would complete a turnover and are due within `regroup_steps`:
+    it waits for them up to this many decode steps (why: `tandem.engine.regroup`). 0 (the default):
+    ignore announcements. Off by default: 4 steps helped a c=16 closed loop's TTFT p99 in some runs,
+    not in others, and cost c=64's TTFT p50 (docs/benchmarks.md, session 17)."""
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

@@ -27,6 +27,11 @@ class ModelCard(msgspec.Struct, frozen=True):
 
 
 class Backend(Protocol):
+    """Optional, looked up with getattr: `announce(model, request_id)`, called as the request
+    reaches the frontend before its tokenization (a router may pick its worker then), and
+    `withdraw(request_id)`, called once the response has ended (undoes an announcement whose
+    request never reached `generate`; a no-op otherwise). See `RouterBackend.announce`."""
+
     def models(self) -> list[ModelCard]:
         """Models that have (or had) workers, whether or not one is live right now."""
         ...

@@ -176,6 +176,30 @@ def test_an_announced_prompt_that_never_comes_is_waited_for_until_the_long_limit
     assert core.scheduler.regroup.num_expected == 0
 
 
+def test_no_longer_hold_when_the_announced_prompt_is_not_due_within_the_short_limit() -> None:
+    # Announced prompts have lately taken 4 s to arrive: y, announced at 23, is due at 27, past the
+    # 5 s limit from x (26). The turnover is not about to be whole, so x starts at 26 as without y.
+    core, ex = _finished_batch(expect=2.0)
+    core.scheduler.regroup.lag = 4.0
+    _arrive(core, ex, 21.0, "x")
+    _announce(core, ex, 23.0, "y")
+    ex.clock.t = 25.9
+    assert _held(core, ex)
+    ex.clock.t = 26.0
+    assert not _held(core, ex)
+    assert _prompts_started(ex) == ["x"]
+
+
+def test_the_lag_is_learned_from_announced_arrivals() -> None:
+    core, ex = _finished_batch(expect=2.0)
+    _announce(core, ex, 21.0, "x")
+    _arrive(core, ex, 23.0, "x")
+    assert core.scheduler.regroup.lag == pytest.approx(2.0)
+    _announce(core, ex, 23.0, "y")
+    _arrive(core, ex, 29.0, "y")
+    assert core.scheduler.regroup.lag == pytest.approx(3.0)  # moving average, newest weighs 1/4
+
+
 def test_no_longer_hold_for_a_turnover_not_in_sight() -> None:
     # Four finished; one arrived and two announced make three: the fourth has not reached the
     # frontend yet (a c=64 turnover comes in over 20-80 ms). Only the short limit applies.
