@@ -5,10 +5,7 @@ worker, and `withdraw` undoes a pick whose request never got that far."""
 from __future__ import annotations
 
 import asyncio
-import json
 from pathlib import Path
-
-import pytest
 
 from tandem.control.discovery import MemoryDiscovery
 from tandem.engine.config import EngineConfig
@@ -16,14 +13,6 @@ from tandem.protocol.messages import GenerateRequest, SamplingSpec
 from tandem.router.backend import RouterBackend
 from tandem.worker.worker import Worker, WorkerConfig
 from tests.outputs import next_output
-
-
-@pytest.fixture
-def model_dir(tmp_path: Path) -> Path:
-    d = tmp_path / "simmodel"
-    d.mkdir()
-    (d / "config.json").write_text(json.dumps({"max_position_embeddings": 2048, "vocab_size": 1000}))
-    return d
 
 
 async def _workers(model_dir: Path, d: MemoryDiscovery, n: int = 2) -> list[Worker]:

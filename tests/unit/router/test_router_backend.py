@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from collections import Counter
 from pathlib import Path
 
@@ -19,14 +18,6 @@ from tandem.router.backend import RouterBackend
 from tandem.router.load_board import LoadBoard
 from tandem.worker.worker import Worker, WorkerConfig
 from tests.outputs import next_output
-
-
-@pytest.fixture
-def model_dir(tmp_path: Path) -> Path:
-    d = tmp_path / "simmodel"
-    d.mkdir()
-    (d / "config.json").write_text(json.dumps({"max_position_embeddings": 2048, "vocab_size": 1000}))
-    return d
 
 
 async def _start(
