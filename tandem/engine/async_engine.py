@@ -123,8 +123,10 @@ class AsyncEngine:
         self._inbox.put(_Abort(request_id))
 
     def expect(self, request_id: str) -> None:
-        """A router has picked this engine for `request_id`, which will be submitted soon."""
-        self._inbox.put(_Expect(request_id, self.core.clock()))
+        """A router has picked this engine for `request_id`, which will be submitted soon. Dropped
+        here when the scheduler ignores announcements (the default): no engine-thread wake-up."""
+        if self.core.scheduler.regroup.takes_announcements:
+            self._inbox.put(_Expect(request_id, self.core.clock()))
 
     async def run_on_engine(self, fn: Callable[[EngineCore], T]) -> T:
         """`fn(core)` run on the engine thread between two steps (e.g. a consistent KV dump)."""

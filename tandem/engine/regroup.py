@@ -57,8 +57,12 @@ class RegroupHold:
     def finished(self, now: float) -> None:
         self._finishes.append(now)
 
+    @property
+    def takes_announcements(self) -> bool:
+        return self.enabled and self.expect_steps > 0
+
     def expect(self, request_id: str, now: float) -> None:
-        if self.enabled and self.expect_steps > 0:
+        if self.takes_announcements:
             if len(self._expected) >= MAX_EXPECTED:
                 del self._expected[next(iter(self._expected))]
             self._expected[request_id] = now
