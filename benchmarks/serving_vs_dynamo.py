@@ -14,6 +14,10 @@ blocks, 256 sequences, 8,192 batched tokens. Systems, started one after the othe
                              a suffix `@MODE` (e.g. `dynamo-nodelay@least-loaded`) picks Dynamo's
                              `--router-mode` for that row (default `--dynamo-router`)
 
+A `#TAG` suffix runs a row's system again as its own row (`dynamo-nodelay@least-loaded#aa`): a tagged
+Dynamo row is compared with the untagged Dynamo rows like a Tandem row is, so the paired table shows
+what one system measures against itself on this machine (an A/A noise floor).
+
 Each point runs the referee client (../shared/bench/referee_loadgen.py, with the CPU of every server
 process) after `wait_quiet.py`; `--tandem-bench` also runs `tandem bench` on the same point. Dynamo
 needs a venv as in ../shared/bench/dynamo-cpu.md (`--dynamo DIR` holds venv/ and nodelay.so).
@@ -48,7 +52,7 @@ TANDEM_SYSTEMS = {"tandem-rr": "round-robin", "tandem-ll": "least-loaded", "tand
 """Tandem rows by name -> the router policy they run. Suffixes set worker flags, so variants share a
 run: `:dF` `--scheduler-delay-factor F` (e.g. `tandem-rr:d0.5`), `:rN` `--regroup-steps N`, `:wN`
 `--regroup-window-steps N` (e.g. `tandem-ll:r2:w6`), `:eN` `--regroup-expect-steps N`, `:fN`
-`--frontends N` (e.g. `tandem-ll:f2`)."""
+`--frontends N` (e.g. `tandem-ll:f2`); `:tN` sets TANDEM_TOKENIZE_BATCH_CHARS=N for the row."""
 VARIANT_FLAGS = {
     "d": "--scheduler-delay-factor",
     "r": "--regroup-steps",
@@ -56,12 +60,18 @@ VARIANT_FLAGS = {
     "e": "--regroup-expect-steps",
     "f": "--frontends",
 }
+VARIANT_ENV = {"t": "TANDEM_TOKENIZE_BATCH_CHARS"}
 SLOW_STOCK_C1 = 5  # stock Dynamo waits ~40 ms per chunk on Nagle at c=1: fewer requests, same shape
+
+
+def twin_of(system: str) -> str:
+    """The system a row runs: its name without a `#TAG` suffix."""
+    return system.partition("#")[0]
 
 
 def counts(speedup: float, c: int, system: str) -> tuple[int, int]:
     n, warm = COUNTS.get(int(speedup), STRESS_COUNTS).get(c, (c * 40, c * 2))
-    if system.partition("@")[0] == "dynamo" and c == 1 and speedup > 1:
+    if twin_of(system).partition("@")[0] == "dynamo" and c == 1 and speedup > 1:
         n, warm = n // SLOW_STOCK_C1, warm // SLOW_STOCK_C1
     return n, warm
 
@@ -95,7 +105,7 @@ class Deployment:
 
 
 def start_tandem(args: argparse.Namespace, speedup: float, name: str, logdir: Path) -> Deployment:
-    base, *variants = name.split(":")
+    base, *variants = twin_of(name).split(":")
     router = TANDEM_SYSTEMS[base]
     cmd = [str(REPO / ".venv/bin/tandem"), "--log-level", "WARNING", "serve", "--model", args.model]
     cmd += ["--served-model-name", "tiny", "--engine", "sim", "--workers", str(args.workers)]
@@ -103,17 +113,23 @@ def start_tandem(args: argparse.Namespace, speedup: float, name: str, logdir: Pa
     cmd += ["--speedup", str(speedup), "--router", router]
     for k, v in ENGINE.items():
         cmd += [f"--{k.replace('_', '-')}", str(v)]
+    env = dict(os.environ)
     for v in variants:
+        if v[:1] in VARIANT_ENV:
+            env[VARIANT_ENV[v[0]]] = v[1:]
+            continue
         if v[:1] not in VARIANT_FLAGS:
-            raise SystemExit(f"unknown variant {v!r} in {name!r} (known: {sorted(VARIANT_FLAGS)})")
+            known = sorted(VARIANT_FLAGS.keys() | VARIANT_ENV.keys())
+            raise SystemExit(f"unknown variant {v!r} in {name!r} (known: {known})")
         cmd += [VARIANT_FLAGS[v[0]], v[1:]]
-    log = open(logdir / f"tandem-{router}-{'-'.join(variants) or 'default'}-{speedup:g}.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    tag = "-".join(variants) or "default"
+    log = open(logdir / f"tandem-{router}-{tag}{name.partition('#')[2]}-{speedup:g}.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     return Deployment(name, {"frontend": proc}, f"http://127.0.0.1:{args.port}")
 
 
 def start_dynamo(args: argparse.Namespace, speedup: float, system: str, logdir: Path) -> Deployment:
-    base, _, router = system.partition("@")
+    base, _, router = twin_of(system).partition("@")
     nodelay = base == "dynamo-nodelay"
     dyn = Path(args.dynamo)
     kv = Path(tempfile.mkdtemp(prefix="dynkv-"))
@@ -124,7 +140,8 @@ def start_dynamo(args: argparse.Namespace, speedup: float, system: str, logdir: 
     if nodelay:
         env["LD_PRELOAD"] = str(dyn / "nodelay.so")
     py = str(dyn / "venv/bin/python")
-    tag = f"{'nodelay' if nodelay else 'stock'}-{router or args.dynamo_router}-{speedup:g}"
+    tag = f"{'nodelay' if nodelay else 'stock'}-{router or args.dynamo_router}{system.partition('#')[2]}"
+    tag += f"-{speedup:g}"
     mocker = [py, "-m", "dynamo.mocker", "--model-path", args.model, "--model-name", "tiny"]
     mocker += ["--speedup-ratio", str(speedup), "--num-workers", str(args.workers), "--block-size", "64"]
     mocker += ["--num-gpu-blocks-override", "16384", "--max-num-seqs", "256"]
@@ -248,9 +265,11 @@ def field_label(key: str, p: str) -> str:
 
 
 def tandem_dynamo_pairs(systems: list[str]) -> list[tuple[str, str]]:
-    """Every Tandem row with every Dynamo row, in the order given."""
-    tandems = [s for s in systems if s.startswith("tandem")]
-    return [(t, d) for t in tandems for d in systems if d.startswith("dynamo")]
+    """Every Tandem row, and every tagged Dynamo row (an A/A twin), with every untagged Dynamo row,
+    in the order given."""
+    dynamos = [s for s in systems if s.startswith("dynamo") and "#" not in s]
+    tried = [s for s in systems if s not in dynamos]
+    return [(t, d) for t in tried for d in dynamos]
 
 
 def prefill_ms(tokens: float) -> float:

@@ -57,9 +57,10 @@ def chat_token_cache_chars() -> int:
 def tokenize_batch_chars() -> int:
     """TANDEM_TOKENIZE_BATCH_CHARS: prompts (or a chat's new text) longer than this many characters,
     sent while other requests are in flight, are tokenized together with the prompts that arrive with
-    them, in one batch call (default 256)."""
+    them, in one batch call, on a tokenizer thread (default 4096; shorter ones are tokenized at once on
+    the event loop, ~0.2 ms for 500 characters)."""
     n = _int_at_least("TANDEM_TOKENIZE_BATCH_CHARS", 0)
-    return 256 if n is None else n
+    return 4096 if n is None else n
 
 
 def _int_at_least(name: str, minimum: int) -> int | None:

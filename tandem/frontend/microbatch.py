@@ -7,7 +7,10 @@ and the engine prefills in one step only the prompts that have reached it when i
 Encoded one by one as they land, a burst's prompts reached the engine spread over several ms; the
 first ones started a prefill step and the rest waited a whole step behind them, so every turnover
 split the batch again. Gathered, at c=64 with least-loaded routing: TTFT p50 117 -> 97 ms
-(docs/benchmarks.md, sessions 7 and 8).
+(docs/benchmarks.md, sessions 7 and 8). Since then routers pick the worker as a request arrives and
+an idle engine holds its prompts for the rest of a turnover (`tandem.engine.regroup`); the gather's
+wait (7 ms p50 at c=64, traced) then cost more than it saved, so by default only prompts over 4,096
+characters are gathered (`ModelTokenizer._batched`, session 18), and those run on a thread anyway.
 
 So a call does not run at once. The encoder lets the event loop take in everything that is already
 readable (one more turn of the loop), then encodes all waiting texts in one Rust batch call:

@@ -138,9 +138,11 @@ class ModelTokenizer:
         """Tokenize `chars` characters together with the other prompts arriving now (True), or at
         once on the event loop: batched unless the text is short or the request is `alone`.
 
-        Batching keeps a burst of prompts together on its way to the engine (why, and what it
-        measured: `tandem.frontend.microbatch`). Below `tokenize_batch_chars` a text costs less than
-        the wait; with no other request in flight there is no burst to wait for.
+        Up to `tokenize_batch_chars` (default 4,096) a text is encoded at once: waiting for the rest
+        of a burst cost more than it saved once routers pick workers early and idle engines regroup
+        their prefills (`tandem.frontend.microbatch`). A longer text waits for the others and goes
+        to a tokenizer thread with them, so the event loop keeps streaming. With no other request in
+        flight there is no burst to wait for.
         """
         return chars > self._batch_chars and not alone
 

@@ -99,12 +99,38 @@ async def test_long_prompts_are_batched_and_large_batches_run_beside_the_event_l
     assert calls[-1] == (loop_thread, 1)
 
 
+async def test_by_default_chat_sized_prompts_are_encoded_at_once_and_long_ones_beside_the_loop(
+    tiny_dir: Path, hf_tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("TANDEM_TOKENIZE_BATCH_CHARS", raising=False)
+    tok = ModelTokenizer(tiny_dir)
+    encode = tok._fast_encode
+    assert encode is not None, "the tiny model has a Rust tokenizer"
+    calls: list[tuple[str, int]] = []
+
+    def spy(texts: list[str], **kw: Any) -> Any:
+        calls.append((threading.current_thread().name, len(texts)))
+        return encode(texts, **kw)
+
+    tok._fast_encode = spy
+    loop_thread = threading.current_thread().name
+    # A burst of ~550-character prompts with other requests in flight: none waits for the others.
+    prompts = [f"request {i}: " + "the quick brown fox jumps over the lazy dog. " * 12 for i in range(4)]
+    got = await asyncio.gather(*(tok.encode_async(p, True) for p in prompts))
+    assert got == [hf_tokenizer(p)["input_ids"] for p in prompts]
+    assert calls == [(loop_thread, 1)] * 4
+    # Past 4,096 characters a prompt goes to a tokenizer thread, so the streams keep flowing.
+    long = "the quick brown fox jumps over the lazy dog. " * 100
+    assert await tok.encode_async(long, True) == hf_tokenizer(long)["input_ids"]
+    assert calls[-1][0].startswith("tandem-tokenize")
+
+
 def test_tokenize_batch_chars_must_not_be_negative(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TANDEM_TOKENIZE_BATCH_CHARS", "-1")
     with pytest.raises(ValueError, match="TANDEM_TOKENIZE_BATCH_CHARS"):
         env.tokenize_batch_chars()
     monkeypatch.delenv("TANDEM_TOKENIZE_BATCH_CHARS")
-    assert env.tokenize_batch_chars() == 256
+    assert env.tokenize_batch_chars() == 4096
 
 
 def test_max_tokens_is_clamped_to_the_context() -> None:
