@@ -1,11 +1,12 @@
-"""benchmarks/serving_vs_dynamo.py's round-by-round comparison: each Tandem row against the Dynamo
-row of the same round, so a machine that drifts between rounds does not decide the verdict."""
+"""The round-by-round comparison of benchmarks/serving_vs_dynamo.py (in benchmarks/serving_report.py):
+each Tandem row against the Dynamo row of the same round, so a machine that drifts between rounds
+does not decide the verdict."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from benchmarks.serving_vs_dynamo import paired
+from benchmarks.serving_report import paired, tandem_dynamo_pairs
 
 
 def _round(ttft_p50: float, ttft_p99: float = 60.0) -> dict[str, Any]:
@@ -36,3 +37,19 @@ def test_a_round_behind_is_counted() -> None:
 
 def test_nothing_to_pair_prints_nothing() -> None:
     assert paired({"tandem-ll|1|16": [_round(40.0)]}, ["tandem-ll"], [16]) == ""
+
+
+def test_a_tagged_dynamo_row_is_compared_with_its_untagged_twin() -> None:
+    # `dynamo-nodelay#aa` runs the same deployment again: an A/A row, paired like a Tandem row.
+    systems = ["tandem-ll", "dynamo-nodelay", "dynamo-nodelay#aa"]
+    assert tandem_dynamo_pairs(systems) == [
+        ("tandem-ll", "dynamo-nodelay"),
+        ("dynamo-nodelay#aa", "dynamo-nodelay"),
+    ]
+    runs = {
+        "tandem-ll|1|16": [_round(40.0)],
+        "dynamo-nodelay|1|16": [_round(42.0)],
+        "dynamo-nodelay#aa|1|16": [_round(42.5)],
+    }
+    lines = paired(runs, systems, [16]).splitlines()
+    assert "c=16 dynamo-nodelay#aa - dynamo-nodelay: TTFT p50 +0.50 (0/1 at or under" in lines[-1]

@@ -61,13 +61,8 @@ async def test_completion_prompt_uses_tokenizer_rule(tok: ModelTokenizer, hf_tok
         await completion_prompt_ids(tok, completion(prompt=["a", "b"]))
 
 
-async def test_long_prompts_are_batched_and_large_batches_run_beside_the_event_loop(
-    tiny_dir: Path, hf_tokenizer: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("TANDEM_TOKENIZE_BATCH_CHARS", "40")
-    monkeypatch.setattr(preprocess, "_INLINE_BATCH_CHARS", 300)
-    monkeypatch.setattr(preprocess, "_INLINE_TEXT_CHARS", 200)
-    tok = ModelTokenizer(tiny_dir)
+def _spy_on_encodes(tok: ModelTokenizer) -> list[tuple[str, int]]:
+    """Record each Rust batch call `tok` makes: (the thread it ran on, how many texts)."""
     encode = tok._fast_encode
     assert encode is not None, "the tiny model has a Rust tokenizer"
     calls: list[tuple[str, int]] = []
@@ -77,6 +72,17 @@ async def test_long_prompts_are_batched_and_large_batches_run_beside_the_event_l
         return encode(texts, **kw)
 
     tok._fast_encode = spy
+    return calls
+
+
+async def test_long_prompts_are_batched_and_large_batches_run_beside_the_event_loop(
+    tiny_dir: Path, hf_tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TANDEM_TOKENIZE_BATCH_CHARS", "40")
+    monkeypatch.setattr(preprocess, "_INLINE_BATCH_CHARS", 300)
+    monkeypatch.setattr(preprocess, "_INLINE_TEXT_CHARS", 200)
+    tok = ModelTokenizer(tiny_dir)
+    calls = _spy_on_encodes(tok)
     loop_thread = threading.current_thread().name
     short, long = "hi there", "the quick brown fox jumps over the lazy dog, " * 3
     assert await tok.encode_async(short, True) == hf_tokenizer(short)["input_ids"]
@@ -104,15 +110,7 @@ async def test_by_default_chat_sized_prompts_are_encoded_at_once_and_long_ones_b
 ) -> None:
     monkeypatch.delenv("TANDEM_TOKENIZE_BATCH_CHARS", raising=False)
     tok = ModelTokenizer(tiny_dir)
-    encode = tok._fast_encode
-    assert encode is not None, "the tiny model has a Rust tokenizer"
-    calls: list[tuple[str, int]] = []
-
-    def spy(texts: list[str], **kw: Any) -> Any:
-        calls.append((threading.current_thread().name, len(texts)))
-        return encode(texts, **kw)
-
-    tok._fast_encode = spy
+    calls = _spy_on_encodes(tok)
     loop_thread = threading.current_thread().name
     # A burst of ~550-character prompts with other requests in flight: none waits for the others.
     prompts = [f"request {i}: " + "the quick brown fox jumps over the lazy dog. " * 12 for i in range(4)]
