@@ -4,7 +4,6 @@ KV events streamed to the router (embedded event plane), dumps on bootstrap and 
 from __future__ import annotations
 
 import asyncio
-import json
 from collections import Counter
 from collections.abc import AsyncGenerator
 from pathlib import Path
@@ -23,16 +22,14 @@ from tandem.router.kv_policy import TUNED, KvPolicy
 from tandem.router.policy import KvPolicyConfig
 from tandem.worker.worker import Worker, WorkerConfig
 from tests.outputs import next_output
+from tests.sim_model import sim_model_dir
 
 BS = 16
 
 
 @pytest.fixture
 def model_dir(tmp_path: Path) -> Path:
-    d = tmp_path / "simmodel"
-    d.mkdir()
-    (d / "config.json").write_text(json.dumps({"max_position_embeddings": 4096, "vocab_size": 1000}))
-    return d
+    return sim_model_dir(tmp_path, context=4096)
 
 
 async def start_workers(model_dir: Path, d: MemoryDiscovery, n: int = 4) -> list[Worker]:

@@ -7,7 +7,6 @@ workers through the same LocalLauncher that `tandem serve` uses.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import time
@@ -27,6 +26,7 @@ from tandem.protocol.registry import WorkerStats
 from tandem.protocol.rpc import StatsCall
 from tandem.router.backend import RouterBackend
 from tests.outputs import next_output
+from tests.sim_model import sim_model_dir
 
 READY_TIMEOUT = 60.0  # generous: a loaded 2-core CI box
 
@@ -53,9 +53,7 @@ class Deployment:
 
 @pytest.fixture
 async def deployment(tmp_path: Path) -> AsyncIterator[Deployment]:
-    model = tmp_path / "simmodel"
-    model.mkdir()
-    (model / "config.json").write_text(json.dumps({"max_position_embeddings": 4096, "vocab_size": 1000}))
+    model = sim_model_dir(tmp_path, context=4096)
     spec = DeploymentSpec(
         model=str(model),
         policy="round-robin",

@@ -3,7 +3,6 @@ worker's KV-load counters (sim engine, real request plane and KV hand-off on 127
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -14,12 +13,11 @@ from tandem.protocol.messages import GenerateRequest, SamplingSpec
 from tandem.router.backend import RouterBackend
 from tandem.router.disagg import DisaggPolicy
 from tandem.worker.worker import Worker, WorkerConfig
+from tests.sim_model import sim_model_dir
 
 
 async def test_disaggregated_request_records_prefill_handoff_and_kv_load(tmp_path: Path) -> None:
-    model_dir = tmp_path / "simmodel"
-    model_dir.mkdir()
-    (model_dir / "config.json").write_text(json.dumps({"max_position_embeddings": 2048, "vocab_size": 1000}))
+    model_dir = sim_model_dir(tmp_path)
     d = MemoryDiscovery()
     workers = []
     for role in ("prefill", "decode"):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from pathlib import Path
 
 import pytest
@@ -15,13 +14,12 @@ from tandem.protocol.errors import InvalidRequestError, ModelNotFoundError, Over
 from tandem.protocol.messages import GenerateRequest, SamplingSpec
 from tandem.protocol.rpc import Cancel, End, GenerateCall, Open, Tokens
 from tandem.worker.worker import Worker, WorkerConfig
+from tests.sim_model import sim_model_dir
 
 
 @pytest.fixture
 async def worker(tmp_path: Path):  # type: ignore[no-untyped-def]
-    d = tmp_path / "simmodel"
-    d.mkdir()
-    (d / "config.json").write_text(json.dumps({"max_position_embeddings": 2048, "vocab_size": 1000}))
+    d = sim_model_dir(tmp_path)
     cfg = WorkerConfig(
         str(d), engine="sim", worker_id="w0", speedup=1, engine_config=EngineConfig(num_blocks=64)
     )
