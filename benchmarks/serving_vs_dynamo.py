@@ -55,13 +55,15 @@ STRESS_COUNTS = {1: (1500, 100), 16: (4000, 200), 64: (6000, 300)}
 TANDEM_SYSTEMS = {"tandem-rr": "round-robin", "tandem-ll": "least-loaded", "tandem-kv": "kv"}
 """Tandem rows by name -> the router policy they run. Suffixes set worker flags, so variants share a
 run: `:dF` `--scheduler-delay-factor F` (e.g. `tandem-rr:d0.5`), `:rN` `--regroup-steps N`, `:wN`
-`--regroup-window-steps N` (e.g. `tandem-ll:r2:w6`), `:eN` `--regroup-expect-steps N`, `:fN`
-`--frontends N` (e.g. `tandem-ll:f2`); `:tN` sets TANDEM_TOKENIZE_BATCH_CHARS=N for the row."""
+`--regroup-window-steps N` (e.g. `tandem-ll:r2:w6`), `:eN` `--regroup-expect-steps N`, `:pN`
+`--regroup-pace-steps N`, `:fN` `--frontends N` (e.g. `tandem-ll:f2`); `:tN` sets
+TANDEM_TOKENIZE_BATCH_CHARS=N for the row."""
 VARIANT_FLAGS = {
     "d": "--scheduler-delay-factor",
     "r": "--regroup-steps",
     "w": "--regroup-window-steps",
     "e": "--regroup-expect-steps",
+    "p": "--regroup-pace-steps",
     "f": "--frontends",
 }
 VARIANT_ENV = {"t": "TANDEM_TOKENIZE_BATCH_CHARS"}

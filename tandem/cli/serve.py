@@ -101,6 +101,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "when they complete a turnover (default 0: off)",
     )
     p.add_argument(
+        "--regroup-pace-steps",
+        type=float,
+        default=None,
+        help="workers: let the regroup hold run up to this many decode-step times while the rest of "
+        "a turnover is due by then at the pace its prompts came (default 4)",
+    )
+    p.add_argument(
         "--registry-port",
         type=int,
         default=0,

@@ -71,6 +71,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="hold new prompts up to this many decode-step times while prompts a router announced "
         "would complete the turnover (see --regroup-steps; 0: ignore announcements)",
     )
+    p.add_argument(
+        "--regroup-pace-steps",
+        type=float,
+        default=EngineConfig.regroup_pace_steps,
+        help="let the regroup hold run up to this many decode-step times while the prompts missing "
+        "from a turnover are due by then at the pace the others came (see --regroup-steps)",
+    )
     p.add_argument("--lease-ttl", type=float, default=3.0, help="seconds without heartbeat before expiry")
     p.add_argument("--drain-timeout", type=float, default=30.0)
     p.add_argument(

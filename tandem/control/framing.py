@@ -8,10 +8,15 @@ queued frame into one buffer, writes it once and drains once. While a drain wait
 token frames for the same stream merge into the one still queued, so a lagging client gets fewer,
 larger chunks instead of an unbounded backlog.
 
-A client's Open frames queue like the rest, though that costs a request one turn of its event loop on
-the way to the worker (~5 ms p50 at c=64 here): written at once, a burst of requests left in as many
-writes, reached the worker's engine one by one, and took ~7% off req/s under stress (docs/benchmarks.md,
-session 9).
+A client's Open frames go by `send_now`: the first of a loop turn is written at once when nothing is
+queued and the socket took all that was written before; the rest of the turn's frames queue and leave
+together when the writer task runs. A router's notice that a request is coming (sent as the request
+reaches the frontend) also goes at once, without taking the turn from that request's own Open.
+
+Why: queued, a request waited for a turn of the frontend's event loop on its way to the worker (2.7 ms
+p50, 10 ms p99 at c=16 here), enough to split a closed loop's turnover in the engine (docs/benchmarks.md,
+session 19). Every Open written at once cost 7-20% of req/s under stress (sessions 9 and 19): a
+burst left in as many writes and reached the engine one by one.
 """
 
 from __future__ import annotations
@@ -94,6 +99,8 @@ class FrameWriter:
         self._open_tokens: dict[int, Tokens] = {}
         self._wake = asyncio.Event()
         self._closed = False
+        self._failed = False
+        self._wrote_now = False
         self.num_writes = 0
         self.num_frames = 0
         self._task = asyncio.create_task(self._run(), name="frame-writer")
@@ -114,6 +121,27 @@ class FrameWriter:
                 self._open_tokens.pop(sid, None)
         self._pending.append(frame)
         self._wake.set()
+
+    def send_now(self, data: bytes, *, notice: bool = False) -> None:
+        """Write an encoded frame (from `encode_frame`) at once if nothing is queued, the socket took
+        all that was written before (so frames keep their order) and no frame went at once since the
+        writer task's last turn; otherwise queue it. A `notice` written at once does not count: the
+        request it announces sends its Open in the same turn, and that Open should go at once too."""
+        if self._wrote_now or self._pending or self._writer.transport.get_write_buffer_size():
+            self.send(data)
+            return
+        if self._closed:
+            return
+        try:
+            self._writer.write(data)
+        except Exception as e:  # the connection is gone
+            self._fail(e)
+            return
+        self.num_writes += 1
+        self.num_frames += 1
+        if not notice:
+            self._wrote_now = True  # until the writer task's next turn: a burst leaves in one write
+            self._wake.set()
 
     async def close(self) -> None:
         """Flush what is queued (briefly), then close the socket."""
@@ -137,6 +165,7 @@ class FrameWriter:
             while True:
                 await self._wake.wait()
                 self._wake.clear()
+                self._wrote_now = False
                 frames, self._pending = self._pending, []
                 self._open_tokens.clear()
                 if frames:
@@ -149,7 +178,11 @@ class FrameWriter:
         except asyncio.CancelledError:
             raise
         except Exception as e:  # reset by peer, broken pipe: the connection is gone
-            self._closed = True
+            self._fail(e)
+
+    def _fail(self, e: BaseException) -> None:
+        if not self._failed:
+            self._failed = self._closed = True
             if self._on_error is not None:
                 self._on_error(e)
 

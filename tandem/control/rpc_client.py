@@ -164,13 +164,13 @@ class RpcConnection:
             raise InvalidRequestError(f"request too large: {e}") from e
         stream = RpcStream(self, sid)
         self._streams[sid] = stream
-        self._out.send(data)
+        self._out.send_now(data)
         return stream
 
     def notify(self, call: Call) -> None:
         """Send `call` as a notice (sid 0): the server acts on it and answers nothing."""
         if not self.closed:
-            self._out.send(encode_frame(Open(0, call), self._max))
+            self._out.send_now(encode_frame(Open(0, call), self._max), notice=True)
 
     async def close(self) -> None:
         self._fail_all(WorkerLostError(f"connection to {self.address} was closed"))

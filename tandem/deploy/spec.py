@@ -32,6 +32,7 @@ ENGINE_ARGS = (
     "regroup_steps",
     "regroup_window_steps",
     "regroup_expect_steps",
+    "regroup_pace_steps",
 )
 
 

@@ -53,6 +53,13 @@ class EngineConfig:
     ignore announcements. Off by default: 4 steps helped a c=16 closed loop's TTFT p99 in some runs,
     not in others, and cost c=64's TTFT p50 (docs/benchmarks.md, session 17)."""
 
+    regroup_pace_steps: float = 4.0
+    """While a held turnover is short of prompts, the hold's limit may stretch up to this many decode
+    steps after its oldest prompt if, at the pace the turnover's prompts have come, the missing ones
+    are due by then (why: `tandem.engine.regroup`). No stretch when it is not above `regroup_steps`
+    (0: off). A c=16 closed loop's replacements come ~1.5 ms apart, and the last ones came a few ms
+    past the 2-step limit (docs/benchmarks.md, session 19)."""
+
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
@@ -70,5 +77,7 @@ class EngineConfig:
             raise ValueError(f"regroup_steps must be in [0, 100], got {self.regroup_steps}")
         if not 0 <= self.regroup_expect_steps <= 100:
             raise ValueError(f"regroup_expect_steps must be in [0, 100], got {self.regroup_expect_steps}")
+        if not 0 <= self.regroup_pace_steps <= 100:
+            raise ValueError(f"regroup_pace_steps must be in [0, 100], got {self.regroup_pace_steps}")
         if not 0 <= self.regroup_window_steps <= 100:
             raise ValueError(f"regroup_window_steps must be in [0, 100], got {self.regroup_window_steps}")

@@ -1,6 +1,6 @@
 """RegroupHold: when nothing decodes, when to let new prompts start (`EngineConfig.regroup_steps`).
 
-    hold = RegroupHold(steps=2.0, window_steps=2.0, expect_steps=4.0)  # expect_steps 0: no announcements
+    hold = RegroupHold(steps=2.0, window_steps=2.0, expect_steps=4.0, pace_steps=4.0)
     hold.decode_step(seconds)          # after each step that computed no prompt tokens
     hold.finished(now)                 # each request that finished here (not one handed to a peer)
     hold.expect(request_id, now)       # a router says this request is on its way here
@@ -12,6 +12,12 @@ them in one by one over a few ms. Started at once, the first would prefill alone
 wait a whole prefill step behind it, so a batch that ended together would not prefill together again.
 So while fewer prompts have arrived than requests finished within the window before the oldest of
 them, the prompts wait, at most the limit after the oldest arrived.
+
+The limit stretches, up to `pace_steps`, when the turnover is in sight: at the pace its prompts have
+come so far (the mean gap between them), the missing ones are due by then. A c=16 closed loop's
+replacements reach the engine ~1.5 ms apart, as fast as the client sends them; the last of eight
+often came 0.5-3 ms past the 2-step limit and waited a whole prefill step. A c=64 turnover (32
+prompts over 20-80 ms) is not due within any such limit, so it is not held longer.
 
 A router that picks the worker when a request reaches the frontend, before its chat template and
 tokenization, announces it (`expect`). The hold then knows what is on its way instead of guessing:
@@ -32,13 +38,17 @@ MAX_EXPECTED = 4096
 
 
 class RegroupHold:
-    def __init__(self, steps: float, window_steps: float, expect_steps: float = 0.0) -> None:
+    def __init__(
+        self, steps: float, window_steps: float, expect_steps: float = 0.0, pace_steps: float = 0.0
+    ) -> None:
         """`steps`: the limit; `window_steps`: how long before the oldest waiting prompt a finish
         still counts; `expect_steps`: the limit while announced prompts complete a turnover (and
-        the window for its finishes). All in multiples of the last decode step's duration."""
+        the window for its finishes); `pace_steps`: the limit while the missing prompts are due by
+        then at the pace the others came. All in multiples of the last decode step's duration."""
         self.steps = steps
         self.window_steps = window_steps
         self.expect_steps = expect_steps
+        self.pace_steps = pace_steps
         self.decode_seconds = 0.0
         """The executor's duration of the last step that computed no prompt tokens."""
         self._finishes: deque[float] = deque()
@@ -82,7 +92,7 @@ class RegroupHold:
         """Drop finishes no hold can count any more (older than a limit and a window), and
         announcements whose request did not come within the longer limit (refused by the frontend,
         or its client left)."""
-        longest = max(self.steps, self.expect_steps)
+        longest = max(self.steps, self.expect_steps, self.pace_steps)
         horizon = (longest + max(self.window_steps, self.expect_steps)) * self.decode_seconds
         while self._finishes and now - self._finishes[0] > horizon:
             self._finishes.popleft()
@@ -101,15 +111,24 @@ class RegroupHold:
             held = self._until_announced(arrivals, oldest, now)
             if held is not None:
                 return held
-        if now >= oldest + limit:
-            return None
         window = self.window_steps * self.decode_seconds
         finished = [t for t in self._finishes if t >= oldest - window]
         if not finished:
             return None
-        if sum(1 for t in arrivals if t >= finished[0]) >= len(finished):
+        come = sorted(t for t in arrivals if t >= finished[0])
+        if len(come) >= len(finished):
             return None
-        return oldest + limit
+        until = max(oldest + limit, self._due_at_pace(come, len(finished) - len(come), oldest))
+        return None if now >= until else until
+
+    def _due_at_pace(self, come: list[float], missing: int, oldest: float) -> float:
+        """When the `missing` prompts are due, one gap late, at the mean gap between the ones that
+        came (sorted); 0.0 if not within the pace limit after the oldest (or too few came to tell)."""
+        if len(come) < 2 or self.pace_steps <= self.steps:
+            return 0.0
+        gap = (come[-1] - come[0]) / (len(come) - 1)
+        due = come[-1] + (missing + 1) * gap
+        return due if due <= oldest + self.pace_steps * self.decode_seconds else 0.0
 
     def _until_announced(self, arrivals: list[float], oldest: float, now: float) -> float | None:
         """The longer hold: the arrived and the announced prompts make up the turnover, and at the

@@ -69,7 +69,10 @@ class Scheduler:
         self._last_step_admitted = False
         self._last_prompt_seconds = 0.0
         self.regroup = RegroupHold(
-            config.regroup_steps, config.regroup_window_steps, config.regroup_expect_steps
+            config.regroup_steps,
+            config.regroup_window_steps,
+            config.regroup_expect_steps,
+            config.regroup_pace_steps,
         )
         self._step_prefills = False
         self.held_until: float | None = None

@@ -9,7 +9,7 @@ import pytest
 
 from tandem.control.framing import FrameError, FrameWriter, decode_frame, encode_frame, read_frame
 from tandem.protocol.messages import EngineOutput, GenerateRequest, SamplingSpec
-from tandem.protocol.rpc import End, Frame, GenerateCall, Open, Ping, Tokens, merge_outputs
+from tandem.protocol.rpc import End, ExpectCall, Frame, GenerateCall, Open, Ping, Tokens, merge_outputs
 
 
 def _reader(data: bytes) -> asyncio.StreamReader:
@@ -87,5 +87,56 @@ async def test_writer_batches_and_coalesces_queued_tokens() -> None:
         Tokens(1, EngineOutput("a", [4])),
     ]
     assert out.num_writes == 1 and out.num_frames == 4
+    await out.close()
+    server.close()
+
+
+def _open(sid: int, num_tokens: int = 3) -> Open:
+    req = GenerateRequest(f"r{sid}", "m", [1] * num_tokens, SamplingSpec(max_tokens=4))
+    return Open(sid, GenerateCall(req))
+
+
+async def test_send_now_writes_the_first_frame_of_a_turn_at_once_and_the_rest_together() -> None:
+    reader, writer, server = await _pair()
+    out = FrameWriter(writer)
+    out.send_now(encode_frame(_open(1)))
+    assert out.num_writes == 1  # written before this task yields to the loop
+    out.send_now(encode_frame(_open(2)))  # same turn: queued ...
+    out.send_now(encode_frame(_open(3)))
+    assert out.num_writes == 1
+    assert [await read_frame(reader) for _ in range(3)] == [_open(1), _open(2), _open(3)]
+    assert out.num_writes == 2 and out.num_frames == 3  # ... and the two left in one write
+    # Behind a queued frame, a frame sent "now" queues too, so the order holds.
+    out.send(Ping(7))
+    out.send_now(encode_frame(_open(4)))
+    assert [await read_frame(reader) for _ in range(2)] == [Ping(7), _open(4)]
+    assert out.num_writes == 3
+    await out.close()
+    server.close()
+
+
+async def test_send_now_queues_while_the_socket_has_a_backlog() -> None:
+    reader, writer, server = await _pair()
+    out = FrameWriter(writer)
+    big = _open(1, num_tokens=8_000_000)  # 8 MB: more than the sockets take before the peer reads
+    out.send_now(encode_frame(big))
+    await asyncio.sleep(0.01)  # the writer task's turn: no other frame has gone at once since
+    assert writer.transport.get_write_buffer_size() > 0
+    out.send_now(encode_frame(_open(2)))
+    assert out.num_writes == 1  # queued behind the backlog
+    assert await read_frame(reader) == big
+    assert await read_frame(reader) == _open(2)
+    assert out.num_writes == 2
+    await out.close()
+    server.close()
+
+
+async def test_a_notice_written_at_once_leaves_the_turn_to_the_open_behind_it() -> None:
+    reader, writer, server = await _pair()
+    out = FrameWriter(writer)
+    out.send_now(encode_frame(Open(0, ExpectCall("r1"))), notice=True)
+    out.send_now(encode_frame(_open(1)))
+    assert out.num_writes == 2  # both went before this task yielded
+    assert [await read_frame(reader) for _ in range(2)] == [Open(0, ExpectCall("r1")), _open(1)]
     await out.close()
     server.close()

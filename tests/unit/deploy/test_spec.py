@@ -137,6 +137,7 @@ def test_every_engine_arg_reaches_the_workers_engine() -> None:
         "regroup_steps": 1.5,
         "regroup_window_steps": 4.0,
         "regroup_expect_steps": 3.0,
+        "regroup_pace_steps": 6.0,
     }
     assert set(values) == set(ENGINE_ARGS)
     parser = argparse.ArgumentParser()

@@ -49,14 +49,19 @@ def _prompts_started(ex: FakeExecutor) -> list[str]:
 
 
 def _finished_batch(
-    steps: float = 0.5, window: float = 1.0, expect: float = 0.0, size: int = 2
+    steps: float = 0.5, window: float = 1.0, expect: float = 0.0, size: int = 2, pace: float = 0.0
 ) -> tuple[EngineCore, _TimedExecutor]:
     """An engine whose `size` requests have just finished in one step, at t=20 (hold limit: `steps` x
     the 10 s decode step; finishes count up to `window` x 10 s before the oldest waiting prompt;
-    `expect` x 10 s: the limit while announced prompts complete the turnover)."""
+    `expect` x 10 s: the limit while announced prompts complete the turnover; `pace` x 10 s: the
+    limit while the missing prompts are due by then at the pace the others came)."""
     ex = _TimedExecutor()
     config = EngineConfig(
-        block_size=4, regroup_steps=steps, regroup_window_steps=window, regroup_expect_steps=expect
+        block_size=4,
+        regroup_steps=steps,
+        regroup_window_steps=window,
+        regroup_expect_steps=expect,
+        regroup_pace_steps=pace,
     )
     core = EngineCore(config, ex)
     for rid in "abcdefgh"[:size]:
@@ -139,6 +144,60 @@ def test_no_hold_without_reason() -> None:
     core, ex = _finished_batch(steps=0.0)
     _arrive(core, ex, 21.0, "c")
     assert not _held(core, ex)
+
+
+def test_the_limit_stretches_while_the_rest_of_the_turnover_is_due_at_its_pace() -> None:
+    # Four finished at 20; three replacements came 2 s apart. At that pace the fourth is due by 29
+    # (one gap late), within the 10 s pace limit after the oldest (31): the hold runs past the 5 s
+    # limit (26) until 29, and all four prefill together.
+    core, ex = _finished_batch(size=4, pace=1.0)
+    _arrive(core, ex, 21.0, "w")
+    _arrive(core, ex, 23.0, "x")
+    _arrive(core, ex, 25.0, "y")
+    ex.clock.t = 26.0
+    assert _held(core, ex)
+    assert core.seconds_held() == pytest.approx(3.0)
+    _arrive(core, ex, 27.5, "z")
+    assert not _held(core, ex)
+    assert _prompts_started(ex) == ["w", "x", "y", "z"]
+
+
+def test_the_stretched_hold_ends_when_the_missing_prompt_is_overdue() -> None:
+    core, ex = _finished_batch(size=4, pace=1.0)
+    _arrive(core, ex, 21.0, "w")
+    _arrive(core, ex, 23.0, "x")
+    _arrive(core, ex, 25.0, "y")
+    ex.clock.t = 28.9
+    assert _held(core, ex)
+    ex.clock.t = 29.0  # the fourth went elsewhere, or its client left
+    assert not _held(core, ex)
+    assert _prompts_started(ex) == ["w", "x", "y"]
+
+
+def test_no_stretch_for_a_turnover_not_due_within_the_pace_limit() -> None:
+    # Eight finished; two came 3 s apart: the other six are due at 24 + 7 x 3 = 45, past 21 + 10.
+    core, ex = _finished_batch(size=8, pace=1.0)
+    _arrive(core, ex, 21.0, "w")
+    _arrive(core, ex, 24.0, "x")
+    ex.clock.t = 25.9
+    assert _held(core, ex)
+    ex.clock.t = 26.0
+    assert not _held(core, ex)
+    assert _prompts_started(ex) == ["w", "x"]
+
+
+def test_no_stretch_from_a_single_arrival_or_when_the_pace_limit_is_not_longer() -> None:
+    core, ex = _finished_batch(size=2, pace=1.0)
+    _arrive(core, ex, 21.0, "w")  # one prompt: no pace to tell
+    ex.clock.t = 26.0
+    assert not _held(core, ex)
+    core, ex = _finished_batch(size=4, pace=0.5)  # the pace limit is the short limit
+    _arrive(core, ex, 21.0, "w")
+    _arrive(core, ex, 22.0, "x")
+    _arrive(core, ex, 23.0, "y")
+    ex.clock.t = 26.0
+    assert not _held(core, ex)
+    assert _prompts_started(ex) == ["w", "x", "y"]
 
 
 def _announce(core: EngineCore, ex: _TimedExecutor, t: float, *rids: str) -> None:
@@ -297,6 +356,8 @@ def test_regroup_steps_are_validated() -> None:
         EngineConfig(regroup_steps=-0.1)
     with pytest.raises(ValueError, match="regroup_window_steps"):
         EngineConfig(regroup_window_steps=101)
+    with pytest.raises(ValueError, match="regroup_pace_steps"):
+        EngineConfig(regroup_pace_steps=-1)
     with pytest.raises(ValueError, match="regroup_expect_steps"):
         EngineConfig(regroup_expect_steps=-1)
 
