@@ -146,14 +146,19 @@ def test_no_hold_without_reason() -> None:
     assert not _held(core, ex)
 
 
-def test_the_limit_stretches_while_the_rest_of_the_turnover_is_due_at_its_pace() -> None:
-    # Four finished at 20; three replacements came 2 s apart. At that pace the fourth is due by 29
-    # (one gap late), within the 10 s pace limit after the oldest (31): the hold runs past the 5 s
-    # limit (26) until 29, and all four prefill together.
+def _three_of_four_came_2s_apart() -> tuple[EngineCore, _TimedExecutor]:
+    """Four finished at 20 (limit 5 s, pace limit 10 s); replacements came at 21, 23 and 25."""
     core, ex = _finished_batch(size=4, pace=1.0)
-    _arrive(core, ex, 21.0, "w")
-    _arrive(core, ex, 23.0, "x")
-    _arrive(core, ex, 25.0, "y")
+    for t, rid in ((21.0, "w"), (23.0, "x"), (25.0, "y")):
+        _arrive(core, ex, t, rid)
+    return core, ex
+
+
+def test_the_limit_stretches_while_the_rest_of_the_turnover_is_due_at_its_pace() -> None:
+    # At the pace of the three that came, the fourth is due by 29 (one gap late), within the pace
+    # limit after the oldest (31): the hold runs past the 5 s limit (26) until 29, and all four
+    # prefill together.
+    core, ex = _three_of_four_came_2s_apart()
     ex.clock.t = 26.0
     assert _held(core, ex)
     assert core.seconds_held() == pytest.approx(3.0)
@@ -163,10 +168,7 @@ def test_the_limit_stretches_while_the_rest_of_the_turnover_is_due_at_its_pace()
 
 
 def test_the_stretched_hold_ends_when_the_missing_prompt_is_overdue() -> None:
-    core, ex = _finished_batch(size=4, pace=1.0)
-    _arrive(core, ex, 21.0, "w")
-    _arrive(core, ex, 23.0, "x")
-    _arrive(core, ex, 25.0, "y")
+    core, ex = _three_of_four_came_2s_apart()
     ex.clock.t = 28.9
     assert _held(core, ex)
     ex.clock.t = 29.0  # the fourth went elsewhere, or its client left
