@@ -85,6 +85,15 @@ def _held(core: EngineCore, ex: _TimedExecutor) -> bool:
     return len(ex.steps) == steps
 
 
+def _held_until_26(core: EngineCore, ex: _TimedExecutor, started: list[str]) -> None:
+    """Still held at 25.9; at 26 (the oldest at 21 plus the 5 s limit) `started` prefill."""
+    ex.clock.t = 25.9
+    assert _held(core, ex)
+    ex.clock.t = 26.0
+    assert not _held(core, ex)
+    assert _prompts_started(ex) == started
+
+
 def test_replacements_that_arrive_one_by_one_prefill_together() -> None:
     core, ex = _finished_batch()
     _arrive(core, ex, 21.0, "c")
@@ -181,11 +190,7 @@ def test_no_stretch_for_a_turnover_not_due_within_the_pace_limit() -> None:
     core, ex = _finished_batch(size=8, pace=1.0)
     _arrive(core, ex, 21.0, "w")
     _arrive(core, ex, 24.0, "x")
-    ex.clock.t = 25.9
-    assert _held(core, ex)
-    ex.clock.t = 26.0
-    assert not _held(core, ex)
-    assert _prompts_started(ex) == ["w", "x"]
+    _held_until_26(core, ex, started=["w", "x"])
 
 
 def test_no_stretch_from_a_single_arrival_or_when_the_pace_limit_is_not_longer() -> None:
@@ -244,11 +249,7 @@ def test_no_longer_hold_when_the_announced_prompt_is_not_due_within_the_short_li
     core.scheduler.regroup.lag = 4.0
     _arrive(core, ex, 21.0, "x")
     _announce(core, ex, 23.0, "y")
-    ex.clock.t = 25.9
-    assert _held(core, ex)
-    ex.clock.t = 26.0
-    assert not _held(core, ex)
-    assert _prompts_started(ex) == ["x"]
+    _held_until_26(core, ex, started=["x"])
 
 
 def test_the_lag_is_learned_from_announced_arrivals() -> None:
@@ -267,11 +268,7 @@ def test_no_longer_hold_for_a_turnover_not_in_sight() -> None:
     core, ex = _finished_batch(expect=2.0, size=4)
     _arrive(core, ex, 21.0, "w")
     _announce(core, ex, 22.0, "x", "y")
-    ex.clock.t = 25.9
-    assert _held(core, ex)
-    ex.clock.t = 26.0
-    assert not _held(core, ex)
-    assert _prompts_started(ex) == ["w"]
+    _held_until_26(core, ex, started=["w"])
 
 
 def test_an_announcement_widens_the_window_in_which_finishes_count() -> None:
