@@ -9,12 +9,20 @@ frames; when the iterator ends the stream gets `End`, when it raises a `TandemEr
 and nothing is sent back (its results, if any, are dropped; an error is logged).
 A `Cancel` frame, or the connection closing, cancels the stream's task: the handler's `finally`
 blocks run (a worker's handler aborts the engine request there, which frees its KV).
+
+A handler may return a `Pushed` instead of an iterator: its results are pushed, not pulled. The
+server hands it a `ResultSink` as the frame is read, and each result becomes a frame the moment it
+is put there, on the loop's thread, with no task and no queue per stream. A worker's engine puts a
+step's outputs for all its requests in one callback, so they leave in one write a loop turn later.
+The stream ends at an output with a finish reason, or at an exception; a Cancel or the connection
+closing calls `Pushed.close(finished=False)`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -25,7 +33,21 @@ from tandem.protocol.rpc import Call, Cancel, End, Fail, Open, Ping, Pong, Reply
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[Call], AsyncIterator[Any]]
+
+class Pushed(ABC):
+    """A call's results, pushed (see the module docstring)."""
+
+    @abstractmethod
+    def start(self, sink: ResultSink) -> None:
+        """Start producing results into `sink` (called as the frame is read). Raise a `TandemError`
+        to refuse the call."""
+
+    @abstractmethod
+    def close(self, *, finished: bool) -> None:
+        """The stream is over: it ended (`finished`), or the client cancelled or left (stop the work)."""
+
+
+Handler = Callable[[Call], "AsyncIterator[Any] | Pushed"]
 
 
 class RpcServer:
@@ -94,7 +116,8 @@ class _ServerConnection:
         self.reader = reader
         self.peer = writer.get_extra_info("peername")
         self.out = FrameWriter(writer, max_frame_bytes=server.max_frame_bytes, on_error=self._on_write_error)
-        self.tasks: dict[int, asyncio.Task[None]] = {}
+        self.tasks: dict[int, asyncio.Task[None] | ResultSink] = {}
+        """Live streams by sid: a task that pulls an iterator's results, or a pushed stream's sink."""
         self._last_rx = 0.0
         self._silent = False
         self._watchdog: asyncio.TimerHandle | None = None
@@ -162,10 +185,21 @@ class _ServerConnection:
             log.exception("%s: call %s failed", self.server.name, type(frame.call).__name__)
             self.out.send(Fail(frame.sid, "internal_error", f"{type(e).__name__}: {e}"))
             return
+        if isinstance(items, Pushed):
+            self._push(frame.sid, items)
+            return
         task = asyncio.create_task(self._run_call(frame.sid, items))
         # A task cancelled before its first step never enters `_run_call`: close its items here.
         task.add_done_callback(lambda t: _close_soon(items) if t.cancelled() else None)
         self.tasks[frame.sid] = task
+
+    def _push(self, sid: int, pushed: Pushed) -> None:
+        sink = ResultSink(self, sid, pushed)
+        self.tasks[sid] = sink
+        try:
+            pushed.start(sink)
+        except Exception as e:
+            sink.put_nowait(e)
 
     def _notice(self, frame: Open) -> None:
         try:
@@ -173,18 +207,20 @@ class _ServerConnection:
         except Exception as e:  # nobody waits for an answer: say it here
             log.warning("%s: notice %s failed: %s", self.server.name, type(frame.call).__name__, e)
             return
-        if hasattr(items, "aclose"):
+        if isinstance(items, Pushed):
+            items.close(finished=False)
+        elif hasattr(items, "aclose"):
             _close_soon(items)
 
     async def close(self) -> None:
-        for task in self.tasks.values():
+        for task in list(self.tasks.values()):
             task.cancel()
         self.tasks.clear()
         await self.out.close()
 
     def _on_write_error(self, e: BaseException) -> None:
         log.info("%s: connection from %s lost on write: %s", self.server.name, self.peer, e)
-        for task in self.tasks.values():
+        for task in list(self.tasks.values()):
             task.cancel()
 
     async def _run_call(self, sid: int, items: AsyncIterator[Any]) -> None:
@@ -208,6 +244,48 @@ class _ServerConnection:
             out.send(Fail(sid, "internal_error", f"{type(e).__name__}: {e}"))
         finally:
             self.tasks.pop(sid, None)
+
+
+class ResultSink:
+    """Where a `Pushed` puts its results: each becomes a frame on the stream at once (an
+    `EngineOutput` a `Tokens` frame, any other result a `Reply`). An output with a finish reason
+    ends the stream (`End` follows it); so does an exception (`Fail`). After the end, or once the
+    client cancelled, results are dropped."""
+
+    __slots__ = ("_conn", "_pushed", "_sid")
+
+    def __init__(self, conn: _ServerConnection, sid: int, pushed: Pushed) -> None:
+        self._conn = conn
+        self._sid = sid
+        self._pushed = pushed
+
+    def put_nowait(self, item: Any) -> None:
+        conn, sid = self._conn, self._sid
+        if conn.tasks.get(sid) is not self:
+            return
+        out = conn.out
+        if isinstance(item, EngineOutput):
+            out.send(Tokens(sid, item))
+            if item.finish_reason is None:
+                return
+            out.send(End(sid))
+        elif isinstance(item, TandemError):
+            out.send(Fail(sid, item.code, str(item)))
+        elif isinstance(item, BaseException):
+            log.error("%s: a pushed stream failed: %r", conn.server.name, item)
+            out.send(Fail(sid, "internal_error", f"{type(item).__name__}: {item}"))
+        else:
+            out.send(Reply(sid, item))
+            return
+        del conn.tasks[sid]
+        self._pushed.close(finished=True)
+
+    def cancel(self) -> None:
+        """The client cancelled the stream or left: stop the work; later results are dropped."""
+        tasks = self._conn.tasks
+        if tasks.get(self._sid) is self:
+            del tasks[self._sid]
+        self._pushed.close(finished=False)
 
 
 async def _aclose(items: AsyncIterator[Any]) -> None:

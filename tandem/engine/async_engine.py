@@ -2,8 +2,11 @@
 
 The core is single-threaded; this class is the one place where threads meet it. Requests and aborts
 enter through a queue that the engine thread drains before each step; outputs go back to each
-request's asyncio queue with `loop.call_soon_threadsafe`, batched once per step. When idle, the
-engine thread blocks on the queue, so an idle worker burns no CPU.
+request's sink with `loop.call_soon_threadsafe`, batched once per event loop per step. A sink is an
+asyncio queue behind an `EngineStream` (`submit`), or, with `push`, any object whose `put_nowait` the
+loop thread calls with each output (a worker's request-plane stream writes it out as a frame there,
+with no queue and no task per request). When idle, the engine thread blocks on the inbox, so an idle
+worker burns no CPU.
 """
 
 from __future__ import annotations
@@ -12,9 +15,10 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from tandem.engine.core import EngineCore, EngineStats
 from tandem.engine.request import SamplingParams
@@ -24,6 +28,10 @@ from tandem.protocol.messages import EngineOutput, GenerateRequest, SamplingSpec
 log = logging.getLogger(__name__)
 
 TRANSFER_POLL_S = 0.002
+STATS_INTERVAL_S = 0.01
+"""How stale `AsyncEngine.stats`' counters may be while the engine is busy: building the snapshot
+every step took half of a busy simulated worker's CPU (session 20). It is rebuilt at once when a
+request starts running, ends or waits, and when the engine runs out of work."""
 
 T = TypeVar("T")
 
@@ -45,10 +53,17 @@ def sampling_from_spec(spec: SamplingSpec) -> SamplingParams:
         raise InvalidRequestError(str(e)) from e
 
 
+class OutputSink(Protocol):
+    """Where one request's outputs go, on its event loop's thread: each `EngineOutput` in order,
+    the last with a finish reason, or one exception (the engine refused or dropped the request)."""
+
+    def put_nowait(self, item: EngineOutput | BaseException) -> None: ...
+
+
 @dataclass
 class _Add:
     req: GenerateRequest
-    sink: asyncio.Queue[EngineOutput | BaseException]
+    sink: OutputSink
     loop: asyncio.AbstractEventLoop
     arrival: float
     """When it was handed over (`EngineCore.clock`): the engine thread takes it in between steps,
@@ -85,13 +100,14 @@ class AsyncEngine:
         self._streams: dict[str, _Add] = {}
         self._accepted: list[_Add] = []
         self._stats = core.stats()
+        self._stats_due = 0.0
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     @property
     def stats(self) -> EngineStats:
-        """Engine counters as of the last step (read without locking the engine)."""
+        """Engine counters as of a recent step (see `STATS_INTERVAL_S`; read without locking)."""
         return self._stats
 
     @property
@@ -104,11 +120,16 @@ class AsyncEngine:
         `accept`: the stream's first output is an `acceptance`, sent as the engine thread takes the
         request in and starts its step (so the loop thread does that work while the step runs, not
         while the engine thread waits for the GIL to start it)."""
+        sink: asyncio.Queue[EngineOutput | BaseException] = asyncio.Queue()
+        self.push(req, sink, accept=accept)
+        return EngineStream(self, req.request_id, sink)
+
+    def push(self, req: GenerateRequest, sink: OutputSink, *, accept: bool = False) -> None:
+        """Hand `req` to the engine now; its outputs go to `sink.put_nowait` on this event loop's
+        thread, a step's outputs for every request in one callback. `abort(request_id)` stops it."""
         if self._stopped:
             raise TandemError("the engine is stopped")
-        sink: asyncio.Queue[EngineOutput | BaseException] = asyncio.Queue()
         self._inbox.put(_Add(req, sink, asyncio.get_running_loop(), self.core.clock(), accept))
-        return EngineStream(self, req.request_id, sink)
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[EngineOutput]:
         """Stream outputs for one request. Closing the iterator early aborts it and frees its KV."""
@@ -174,7 +195,9 @@ class AsyncEngine:
                 log.exception("engine step failed")
                 self._fail_all(TandemError(f"engine step failed: {e}"))
                 continue
-            self._stats = core.stats()
+            now = time.monotonic()
+            if now >= self._stats_due or core.running_set_changed(self._stats) or not core.has_unfinished():
+                self._stats, self._stats_due = core.stats(), now + STATS_INTERVAL_S
             self._deliver(outputs)
 
     def _handle(self, msg: _Add | _Abort | _Expect | _Call) -> None:
@@ -269,14 +292,14 @@ class EngineStream:
 
 def _send(outputs: list[tuple[_Add, EngineOutput]]) -> None:
     """Each output onto its stream's queue: one `call_soon_threadsafe` per event loop per step."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, EngineOutput]]] = {}
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[OutputSink, EngineOutput]]] = {}
     for stream, out in outputs:
         by_loop.setdefault(stream.loop, []).append((stream.sink, out))
     for loop, items in by_loop.items():
         loop.call_soon_threadsafe(_put_all, items)
 
 
-def _put_all(items: list[tuple[asyncio.Queue, EngineOutput]]) -> None:
+def _put_all(items: list[tuple[OutputSink, EngineOutput]]) -> None:
     for sink, out in items:
         sink.put_nowait(out)
 

@@ -185,6 +185,12 @@ class EngineCore:
     def kv_dump(self) -> KvCacheDump:
         return self.kv.dump()
 
+    def running_set_changed(self, stats: EngineStats) -> bool:
+        """Requests started, ended or queued since `stats` was taken (two length checks)."""
+        s = self.scheduler
+        waiting = len(s.waiting) + len(s.waiting_for_kv)
+        return len(s.running) != stats.num_running or waiting != stats.num_waiting
+
     def stats(self) -> EngineStats:
         s = self.scheduler
         p = s.phases

@@ -256,8 +256,13 @@ class Scheduler:
         log.debug("preempted %s (%d tokens so far)", req.request_id, req.num_tokens)
 
     def update(self, sched: SchedulerOutput, result: ExecutorOutput) -> list[EngineOutput]:
-        """Apply a step's results: advance counts, append sampled tokens, stop and free requests."""
+        """Apply a step's results: advance counts, append sampled tokens, stop and free requests.
+
+        The outputs that end a prompt (its first token) come before the step's other outputs: the
+        frontend streams them in this order, so a first token does not wait behind a whole batch's
+        decode tokens (the first token is the user's wait, a decode token only one of many)."""
         outputs, self._aborted_outputs = self._aborted_outputs, []
+        firsts: list[EngineOutput] = []
         now = self._clock() if sched.scheduled else 0.0
         regroup = self.regroup.enabled
         if regroup and sched.scheduled and not self._step_prefills:
@@ -282,10 +287,13 @@ class Scheduler:
                 out.kv_transfer_params = self._finish(req)
                 if regroup and out.kv_transfer_params is None:  # not a prefill handed to a peer
                     self.regroup.finished(now)
-            outputs.append(out)
+            if item.start < len(req.prompt_token_ids):
+                firsts.append(out)
+            else:
+                outputs.append(out)
         if regroup:
             self.regroup.forget_before(now)
-        return outputs
+        return firsts + outputs if firsts else outputs
 
     def process_finished_transfers(
         self, sending: set[str], receiving: set[str], failed: set[str] | None = None

@@ -70,7 +70,7 @@ class WorkerInfo(msgspec.Struct, frozen=True, omit_defaults=True):
 
 
 class WorkerStats(msgspec.Struct, frozen=True, tag="stats", array_like=True):
-    """A worker's answer to a `stats` call: its engine counters as of the last step."""
+    """A worker's answer to a `stats` call: its engine counters as of a recent step (`AsyncEngine.stats`)."""
 
     worker_id: str
     status: Status

@@ -1,8 +1,9 @@
 """Worker: one engine served over the request plane, registered in discovery, drained on stop.
 
     Worker(config, discovery).start()  -> builds EngineCore + AsyncEngine, listens, registers
-    generate call  -> AsyncEngine.submit as the frame is read, then the stream: an `acceptance`
-                      once the engine has taken it in, then its outputs (closing the stream aborts it)
+    generate call  -> AsyncEngine.push as the frame is read, then the stream: an `acceptance`
+                      once the engine has taken it in, then its outputs, each written as a frame
+                      as the engine hands it over (cancelling the stream aborts it)
     stats call     -> WorkerStats (engine counters + active requests)
     kv_events call -> this engine's KV events, a batch a step, until cancelled (KV-aware routers)
     kv_dump call   -> every cached block now (a router's bootstrap or resync after a gap)
@@ -25,15 +26,15 @@ from pathlib import Path
 from typing import Any
 
 from tandem.control.discovery import DEFAULT_TTL, Discovery, Lease
-from tandem.control.rpc_server import RpcServer
-from tandem.engine.async_engine import AsyncEngine, EngineStream
+from tandem.control.rpc_server import Pushed, ResultSink, RpcServer
+from tandem.engine.async_engine import AsyncEngine
 from tandem.engine.config import EngineConfig
 from tandem.engine.core import EngineCore, EngineStats
 from tandem.engine.executor import Executor
 from tandem.engines.builtin.dtypes import compute_dtype
 from tandem.engines.factory import build_executor
 from tandem.protocol.errors import InvalidRequestError, ModelNotFoundError, OverloadedError
-from tandem.protocol.messages import EngineOutput, GenerateRequest
+from tandem.protocol.messages import GenerateRequest
 from tandem.protocol.registry import Hardware, Role, WorkerInfo, WorkerLoad, WorkerStats
 from tandem.protocol.rpc import (
     Call,
@@ -98,6 +99,7 @@ class Worker:
         self.config = config
         self.discovery = discovery
         self.worker_id = config.worker_id or f"{config.engine}-{uuid.uuid4().hex[:8]}"
+        self.model_name = config.model_name  # resolves a path: once, not per request
         self._executor = executor
         self.engine: AsyncEngine | None = None
         self.connector: DisaggConnector | None = None
@@ -122,7 +124,7 @@ class Worker:
                 cfg.model_dir,
                 cfg.engine_config.block_size,
                 compute_dtype(cfg.dtype, cfg.device) if cfg.engine == "builtin" else "bfloat16",
-                cfg.model_name,
+                self.model_name,
                 cfg.engine,
             )
             self.connector = DisaggConnector(
@@ -155,7 +157,7 @@ class Worker:
         return WorkerInfo(
             worker_id=self.worker_id,
             address=self.address,
-            model=self.config.model_name,
+            model=self.model_name,
             model_dir=str(Path(self.config.model_dir).resolve()),
             role=self.config.role,
             block_size=self.config.engine_config.block_size,
@@ -223,7 +225,7 @@ class Worker:
             await asyncio.to_thread(self.connector.close)
         log.info("worker %s stopped", self.worker_id)
 
-    def _handle(self, call: Call) -> AsyncIterator[Any]:
+    def _handle(self, call: Call) -> AsyncIterator[Any] | Pushed:
         """A call's results. A generate call reaches the engine before this returns."""
         if isinstance(call, GenerateCall):
             return self._generate(call.request)
@@ -233,15 +235,13 @@ class Worker:
             return _NO_RESULTS
         return self._serve(call)
 
-    def _generate(self, req: GenerateRequest) -> AsyncIterator[EngineOutput]:
+    def _generate(self, req: GenerateRequest) -> Pushed:
         assert self.engine is not None, "start() the worker first"
         if self.draining:
             raise OverloadedError(f"worker {self.worker_id} is draining")
-        if req.model != self.config.model_name:
-            raise ModelNotFoundError(
-                f"worker {self.worker_id} serves {self.config.model_name!r}, not {req.model!r}"
-            )
-        return _Active(self, self.engine.submit(req, accept=True))
+        if req.model != self.model_name:
+            raise ModelNotFoundError(f"worker {self.worker_id} serves {self.model_name!r}, not {req.model!r}")
+        return _Generate(self, req)
 
     async def _serve(self, call: Call) -> AsyncGenerator[Any, None]:
         if isinstance(call, StatsCall):
@@ -289,32 +289,36 @@ def detect_hardware(engine: str, device: str) -> Hardware:
     return Hardware(device="cpu", name=os.uname().machine, count=1, memory_bytes=memory)
 
 
-class _Active:
-    """An engine stream that counts as one of its worker's active requests until it is closed
-    (drain waits for none to be left)."""
+class _Generate(Pushed):
+    """A generate call: the engine's outputs go straight to the request-plane stream (no queue, no
+    task per request). Counts as one of its worker's active requests until the stream is over
+    (drain waits for none to be left); a stream cancelled before its end aborts the engine request,
+    which frees its KV blocks."""
 
-    __slots__ = ("_open", "_stream", "_worker")
+    __slots__ = ("_open", "_req", "_worker")
 
-    def __init__(self, worker: Worker, stream: EngineStream) -> None:
+    def __init__(self, worker: Worker, req: GenerateRequest) -> None:
         self._worker = worker
-        self._stream = stream
+        self._req = req
         self._open = True
         worker._active += 1
         worker._idle.clear()
 
-    def __aiter__(self) -> _Active:
-        return self
+    def start(self, sink: ResultSink) -> None:
+        engine = self._worker.engine
+        assert engine is not None, "start() the worker first"
+        engine.push(self._req, sink, accept=True)
 
-    async def __anext__(self) -> EngineOutput:
-        return await self._stream.__anext__()
-
-    async def aclose(self) -> None:
-        if self._open:
-            self._open = False
-            self._stream.close()
-            self._worker._active -= 1
-            if self._worker._active == 0:
-                self._worker._idle.set()
+    def close(self, *, finished: bool) -> None:
+        if not self._open:
+            return
+        self._open = False
+        worker = self._worker
+        if not finished and worker.engine is not None:
+            worker.engine.abort(self._req.request_id)
+        worker._active -= 1
+        if worker._active == 0:
+            worker._idle.set()
 
 
 class _NoResults:

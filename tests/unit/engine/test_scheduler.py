@@ -58,6 +58,21 @@ def test_budget_is_shared_between_decodes_and_a_new_prefill():
     assert [(s.request.request_id, s.num_new_tokens) for s in step.scheduled] == [("short", 1), ("long", 9)]
 
 
+def test_a_steps_first_tokens_come_before_its_decode_tokens():
+    # The frontend streams a step's outputs in this order: a first token must not wait behind
+    # the batch's decode tokens. A chunked prompt's partial step emits nothing.
+    core, _, _ = make_core(max_num_batched_tokens=24)
+    for rid in ("d1", "d2"):
+        core.add_request([1, 2, 3], SamplingParams(max_tokens=6, temperature=0), request_id=rid)
+    core.step()
+    core.add_request([4, 5, 6], SamplingParams(max_tokens=6, temperature=0), request_id="new")
+    core.add_request(list(range(1, 40)), SamplingParams(max_tokens=6, temperature=0), request_id="long")
+    outs = core.step()
+    assert [o.request_id for o in outs] == ["new", "d1", "d2"]
+    outs = core.step()
+    assert [o.request_id for o in outs] == ["long", "d1", "d2", "new"]
+
+
 def test_prefix_hit_skips_cached_tokens_but_leaves_the_last_token():
     core, _, _ = make_core()
     prompt = list(range(1, 18))  # 17 tokens: 4 full blocks of 4

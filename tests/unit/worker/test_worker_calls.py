@@ -58,6 +58,44 @@ async def test_a_request_cancelled_in_the_same_read_frees_its_kv(worker: Worker)
     writer.close()
 
 
+async def test_a_client_that_drops_its_connection_mid_stream_frees_every_request(worker: Worker) -> None:
+    total = worker.stats().num_blocks
+    reader, writer = await asyncio.open_connection("127.0.0.1", worker.server.port)
+    writer.write(b"".join(encode_frame(Open(sid, _call(f"r{sid}", 10_000))) for sid in (1, 2, 3)))
+    await writer.drain()
+    seen: set[int] = set()
+    while len(seen) < 3:  # every stream has tokens flowing
+        frame = await asyncio.wait_for(read_frame(reader), 5)
+        assert isinstance(frame, Tokens)
+        if frame.output.new_token_ids:
+            seen.add(frame.sid)
+    assert worker._active == 3 and worker.stats().num_free_blocks < total
+    writer.close()
+    await _until(lambda: worker.server.num_streams == 0 and worker._active == 0)
+    await _until(lambda: worker.engine is not None and worker.engine.num_active == 0)
+    await _until(lambda: worker.stats().num_free_blocks == total)
+    assert worker.engine is not None and worker.engine.stats.num_running == 0
+
+
+async def test_the_stats_are_final_once_the_last_stream_has_ended(tmp_path: Path) -> None:
+    # While busy the engine refreshes its stats every few ms, not every step (here a step takes
+    # microseconds); once it runs out of work they are final before its last outputs go out.
+    cfg = WorkerConfig(str(sim_model_dir(tmp_path)), engine="sim", speedup=10_000)
+    worker = Worker(cfg)
+    await worker.start()
+    total = worker.stats().num_blocks
+    pool = RpcClientPool()
+    for i in range(3):
+        call = _call(f"s{i}", 40, model=worker.model_name)
+        tokens = [t async for out in await pool.open(worker.address, call) for t in out.new_token_ids]
+        s = worker.stats()
+        assert len(tokens) == 40
+        assert (s.load.num_running, s.num_free_blocks) == (0, total)
+        assert (s.first_tokens_total, s.decode_tokens_total) == (i + 1, 39 * (i + 1))
+    await pool.close()
+    await worker.stop()
+
+
 async def test_refusals_arrive_as_errors_and_leave_nothing_active(worker: Worker) -> None:
     pool = RpcClientPool()
     with pytest.raises(ModelNotFoundError, match="serves 'simmodel'"):
