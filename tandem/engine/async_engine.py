@@ -291,7 +291,7 @@ class EngineStream:
 
 
 def _send(outputs: list[tuple[_Add, EngineOutput]]) -> None:
-    """Each output onto its stream's queue: one `call_soon_threadsafe` per event loop per step."""
+    """Each output into its stream's sink: one `call_soon_threadsafe` per event loop per step."""
     by_loop: dict[asyncio.AbstractEventLoop, list[tuple[OutputSink, EngineOutput]]] = {}
     for stream, out in outputs:
         by_loop.setdefault(stream.loop, []).append((stream.sink, out))
