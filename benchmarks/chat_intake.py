@@ -30,7 +30,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from serve_proc import serving
+from serve_proc import cpu_seconds, serving
 
 from tandem import env
 from tandem.frontend.preprocess import ModelTokenizer
@@ -80,11 +80,6 @@ def offline(args: argparse.Namespace) -> None:
         if turn in (1, 2) or turn % 4 == 0 or turn == args.turns:
             print(f"| {turn} | {n:,} | {w * 1e3:.2f} | {c * 1e3:.2f} | {w / c:.1f}x |")
     print()
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def conversation(client: httpx.AsyncClient, args: argparse.Namespace, seed: int) -> list[float]:

@@ -1,12 +1,21 @@
-"""`tandem serve` as a benchmark's child process: started, ready, stopped by SIGTERM."""
+"""`tandem serve` as a benchmark's child process: started, ready, stopped by SIGTERM; and the CPU
+time a child has used."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds process `pid` has used (from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @contextmanager

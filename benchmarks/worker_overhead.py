@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import collections
 import json
-import os
 import shutil
 import socket
 import statistics
@@ -29,16 +28,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from serve_proc import cpu_seconds  # noqa: E402
+
 from tandem.control.rpc_client import RpcClientPool  # noqa: E402
 from tandem.protocol.messages import GenerateRequest, SamplingSpec  # noqa: E402
 from tandem.protocol.rpc import GenerateCall  # noqa: E402
 
 ENGINE = ["--block-size", "64", "--num-blocks", "16384", "--max-num-seqs", "256"]
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:

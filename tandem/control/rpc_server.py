@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 class Pushed(ABC):
     """A call's results, pushed (see the module docstring)."""
 
+    __slots__ = ()  # one per request: let subclasses' slots take effect
+
     @abstractmethod
     def start(self, sink: ResultSink) -> None:
         """Start producing results into `sink` (called as the frame is read). Raise a `TandemError`
