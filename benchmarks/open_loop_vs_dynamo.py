@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import subprocess
 import sys
@@ -31,9 +32,11 @@ from typing import Any
 
 try:
     import serving_vs_dynamo as svd
+    from serve_proc import cpu_seconds
     from serving_report import field_label, median_result, tandem_dynamo_pairs
 except ImportError:  # imported as a package module (the tests)
     import benchmarks.serving_vs_dynamo as svd
+    from benchmarks.serve_proc import cpu_seconds
     from benchmarks.serving_report import field_label, median_result, tandem_dynamo_pairs
 
 FIELDS = (("ttft_ms", "p50"), ("ttft_ms", "p99"), ("itl_ms", "p50"), ("itl_ms", "p99"))
@@ -45,8 +48,18 @@ def run_rate(args: argparse.Namespace, dep: svd.Deployment, rate: float, out: Pa
     cmd += ["--tokenizer", args.model, "--rate", str(rate), "--requests", str(n)]
     cmd += ["--warmup", str(max(1, n // 20)), "--isl", "100", "--osl", "50", "--seed", "7"]
     cmd += ["--out", str(out)]
+    pids = dep.pids()
+    before = {k: cpu_seconds(pid) for k, pid in pids.items()}
+    client = resource.getrusage(resource.RUSAGE_CHILDREN)
     subprocess.run(cmd, check=True, timeout=900, stdout=subprocess.DEVNULL)
     report: dict[str, Any] = json.loads(out.read_text())
+    # The stack's CPU per request (warm-up included in both): on 2 cores, what the servers burn is
+    # what the client and the other processes wait for as they wake.
+    spent = sum(cpu_seconds(pid) - before[k] for k, pid in pids.items())
+    report["stack_cpu_ms_per_request"] = 1000 * spent / (n + max(1, n // 20))
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    used = after.ru_utime + after.ru_stime - client.ru_utime - client.ru_stime
+    report["client_cpu_ms_per_request"] = 1000 * used / (n + max(1, n // 20))
     if report["errors"]:
         raise RuntimeError(f"{dep.name} at {rate} req/s: {report['errors']} errors: {report['first_error']}")
     return report
@@ -56,7 +69,8 @@ def line(name: str, rate: float, r: dict[str, Any]) -> str:
     t, i = r["ttft_ms"], r["itl_ms"]
     return (
         f"{name:30s} {rate:6g} {r['req_per_s']:8.1f} {t['p50']:8.2f} {t['p99']:8.2f} "
-        f"{i['p50']:7.2f} {i['p99']:7.2f}"
+        f"{i['p50']:7.2f} {i['p99']:7.2f} {r.get('stack_cpu_ms_per_request', float('nan')):8.2f} "
+        f"{r.get('client_cpu_ms_per_request', float('nan')):8.2f}"
     )
 
 
@@ -78,6 +92,7 @@ def main() -> int:
     runs: dict[tuple[str, float], list[dict[str, Any]]] = {}
     head = (
         f"{'system':30s} {'rate':>6s} {'req/s':>8s} {'TTFT50':>8s} {'TTFT99':>8s} {'ITL50':>7s} {'ITL99':>7s}"
+        f" {'stackCPU':>8s} {'clntCPU':>8s}"
     )
     print(head, flush=True)
     for rnd in range(args.rounds):
