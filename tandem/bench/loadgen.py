@@ -57,6 +57,9 @@ class LoadConfig:
     """Jobs sent first, closed loop at `concurrency` (or 1), and not recorded."""
     timeout_s: float = 600.0
     """Per request."""
+    server_timing: bool = False
+    """Ask the server for each request's timing as it saw it (`nvext.extra_fields: ["timing"]`, which
+    Tandem and NVIDIA Dynamo answer; `tandem.frontend.timing`) and record it (`RequestRecord.server`)."""
 
     def __post_init__(self) -> None:
         if self.concurrency is not None and self.concurrency < 1:
@@ -149,16 +152,19 @@ def vocab_range(tokenizer_dir: str | Path | None, default_hi: int = 32000) -> tu
 class _Request:
     """One job's URL and pre-encoded body, and how to recognise its output events."""
 
-    __slots__ = ("body", "marker", "url")
+    __slots__ = ("body", "marker", "timing", "url")
 
     def __init__(self, config: LoadConfig, job: Job) -> None:
-        common = {
+        common: dict[str, Any] = {
             "model": config.model,
             "max_tokens": job.max_tokens,
             "stream": True,
             "stream_options": {"include_usage": True},
             "ignore_eos": True,
         }
+        self.timing = config.server_timing
+        if self.timing:
+            common["nvext"] = {"extra_fields": ["timing"]}
         if isinstance(job.prompt, str):
             self.url = config.base + "/chat/completions"
             self.body = _encode({**common, "messages": [{"role": "user", "content": job.prompt}]})
@@ -201,6 +207,9 @@ async def _send(session: object, req: _Request, timeout_s: float) -> RequestReco
                         break
                     elif marker in line:
                         times.append(now)
+                    # The finish chunk (with or without text: Dynamo's has an empty delta).
+                    if req.timing and b'"nvext"' in line:
+                        rec.server = json.loads(line[6:])["nvext"].get("timing")
     except Exception as e:  # a benchmark records failures instead of stopping
         rec.error = f"{type(e).__name__}: {e}"
     rec.t_end = time.perf_counter()

@@ -38,6 +38,9 @@ class RequestRecord:
     """The server's `usage.completion_tokens` when sent, else the number of output events."""
     prompt_tokens: int = 0
     error: str | None = None
+    server: dict[str, float] | None = None
+    """The server's own timing of the request, when asked for and sent (`LoadConfig.server_timing`):
+    `ttft_ms`, `prefill_wait_time_ms`, `prefill_time_ms`, ... on the server's clock."""
 
     @property
     def ok(self) -> bool:
@@ -135,6 +138,28 @@ def summarize(records: Sequence[RequestRecord], slo: Slo = Slo()) -> dict[str, A
         "goodput_fraction": round(good / n, 4) if n else None,
         "goodput_req_per_s": round(good * per_s, 2),
         "slo_met": bool(n) and good / n >= slo.attainment,
+        "server": _server_split(ok),
+    }
+
+
+def _server_split(ok: Sequence[RequestRecord]) -> dict[str, Any] | None:
+    """The client's TTFT split by the server's timing of the same requests: `outside_ms`, the
+    client's TTFT minus the server's (HTTP both ways, the client's own delays); `intake_ms`, the
+    server's receipt to its dispatch to a worker; `dispatch_to_first_ms`, from there to the first
+    token back in the server. None when no request carried a timing."""
+    timed = [r for r in ok if r.server is not None and "ttft_ms" in r.server]
+    if not timed:
+        return None
+
+    def seconds(key: str) -> list[float]:
+        return [float(r.server[key]) / 1e3 for r in timed if r.server is not None and key in r.server]
+
+    return {
+        "requests": len(timed),
+        "ttft_ms": _dist_ms(seconds("ttft_ms")),
+        "outside_ms": _dist_ms([r.ttft - float(r.server["ttft_ms"]) / 1e3 for r in timed if r.server]),
+        "intake_ms": _dist_ms(seconds("prefill_wait_time_ms")),
+        "dispatch_to_first_ms": _dist_ms(seconds("prefill_time_ms")),
     }
 
 
@@ -160,6 +185,20 @@ def format_table(report: dict[str, Any], title: str = "") -> str:
         f"requests good -> SLO {'met' if report['slo_met'] else 'missed'} "
         f"(needs {100 * s['attainment']:.0f}%)"
     )
+    server = report.get("server")
+    if server:
+        lines.append(f"TTFT split by the server's own timing of {server['requests']} requests:")
+        for key, name in (
+            ("ttft_ms", "server TTFT"),
+            ("outside_ms", "outside"),
+            ("intake_ms", "intake"),
+            ("dispatch_to_first_ms", "->1st token"),
+        ):
+            d = server[key]
+            cells = "".join(
+                f"{'-' if d[k] is None else f'{d[k]:.2f}':>10}" for k in ("p50", "p90", "p99", "mean")
+            )
+            lines.append(f"{name:<12}{cells}")
     if report["first_error"]:
         lines.append(f"first error: {report['first_error']}")
     return "\n".join(lines)

@@ -42,6 +42,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--slo-tpot-ms", type=float, default=50.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    p.add_argument(
+        "--server-timing",
+        action="store_true",
+        help='ask for each request\'s server-side timing (nvext "timing": Tandem, NVIDIA Dynamo) and '
+        "split TTFT into outside the server, intake, and dispatch to first token",
+    )
     p.add_argument("--out", default=None, help="write the JSON report here")
     p.set_defaults(func=run)
 
@@ -106,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
             max_concurrency=args.max_concurrency,
             warmup=args.warmup,
             timeout_s=args.timeout,
+            server_timing=args.server_timing,
         )
         slo = Slo(ttft_s=args.slo_ttft_ms / 1e3, tpot_s=args.slo_tpot_ms / 1e3)
     except (ValueError, OSError) as e:

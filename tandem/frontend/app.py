@@ -30,6 +30,7 @@ from tandem.frontend.errors import FieldError, error_response, install_error_han
 from tandem.frontend.metrics import FrontendMetrics
 from tandem.frontend.preprocess import TokenizerCache, chat_prompt_ids, completion_prompt_ids, prepare
 from tandem.frontend.streaming import Generation, GenerationResponse
+from tandem.frontend.timing import TIMING, RequestTiming
 from tandem.protocol.errors import ModelNotFoundError, OverloadedError, TandemError
 from tandem.protocol.messages import GenerateRequest
 from tandem.protocol.openai import (
@@ -148,6 +149,7 @@ class _Frontend:
                 metrics=self.metrics,
                 started=started,
                 release=release,
+                timing=RequestTiming(started) if _wants_timing(req) else None,
             )
         )
 
@@ -164,6 +166,11 @@ class _Frontend:
             for c in self.backend.models()
         ]
         return Response(_encode(ModelList(data)), media_type="application/json")
+
+
+def _wants_timing(req: ChatCompletionRequest | CompletionRequest) -> bool:
+    fields = req.nvext.extra_fields if req.nvext is not None else None
+    return fields is not None and TIMING in fields
 
 
 def _decode(body: bytes, chat: bool) -> ChatCompletionRequest | CompletionRequest:

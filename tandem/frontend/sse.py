@@ -77,6 +77,12 @@ class ChunkWriter:
             )
         )
 
+    @staticmethod
+    def with_nvext(event: bytes, nvext: bytes) -> bytes:
+        """`event` (from `chunk`) with an `nvext` member (a JSON object) after its choices."""
+        assert event.endswith(b"]}\n\n"), "an event from chunk()"
+        return event[:-3] + b',"nvext":' + nvext + b"}\n\n"
+
     def usage(self, usage: Usage) -> bytes:
         """The final chunk OpenAI sends when `stream_options.include_usage` is set: no choices."""
         return self._usage_head + _encode(usage) + b"}\n\n"

@@ -32,6 +32,7 @@ from tandem.frontend.errors import error_bytes, error_object
 from tandem.frontend.metrics import FrontendMetrics
 from tandem.frontend.preprocess import ModelTokenizer, Prepared
 from tandem.frontend.sse import DONE, ChunkWriter, error_event
+from tandem.frontend.timing import RequestTiming
 from tandem.protocol.errors import TandemError
 from tandem.protocol.messages import EngineOutput
 from tandem.protocol.openai import (
@@ -79,6 +80,8 @@ class Generation:
     """`time.perf_counter()` when the HTTP request arrived."""
     release: Callable[[], None] | None = None
     """Called once the response has ended: drops the router's early pick if `outputs` never ran."""
+    timing: RequestTiming | None = None
+    """Set when the client asked for `nvext` timing (`tandem.frontend.timing`)."""
 
 
 class GenerationResponse(Response):
@@ -107,6 +110,8 @@ class GenerationResponse(Response):
 
         watcher = asyncio.ensure_future(_wait_disconnect(receive))
         watcher.add_done_callback(client_left)
+        if gen.timing is not None:
+            gen.timing.dispatched = time.perf_counter()  # the backend sends it on the first read
         try:
             await (self._stream(send) if gen.stream else self._collect(send))
         except asyncio.CancelledError:
@@ -158,6 +163,8 @@ class GenerationResponse(Response):
                         itl.observe((now - last) / n, n)
                     else:
                         ttft.observe(now - gen.started)
+                        if gen.timing is not None:
+                            gen.timing.first = now
                     last = now
                 if n <= 1:
                     lps = out.new_logprobs
@@ -187,6 +194,8 @@ class GenerationResponse(Response):
                 self.num_tokens = text.num_tokens
                 self.num_cached = out.num_cached_tokens
                 if finish is not None:
+                    if gen.timing is not None:
+                        data = writer.with_nvext(data, gen.timing.nvext_bytes(time.perf_counter()))
                     if gen.include_usage:
                         data += writer.usage(self._usage())
                     await send({"type": "http.response.body", "body": data + DONE, "more_body": False})
@@ -218,6 +227,8 @@ class GenerationResponse(Response):
                         gen.metrics.itl.observe((now - last) / len(ids), len(ids))
                     else:
                         gen.metrics.ttft.observe(now - gen.started)
+                        if gen.timing is not None:
+                            gen.timing.first = now
                     last = now
                 delta, stopped = text.push(ids)
                 pieces.append(delta)
@@ -253,6 +264,7 @@ class GenerationResponse(Response):
 
     def _response_body(self, text: str, finish: str, logprobs: _LogprobWriter | None) -> bytes:
         gen = self.gen
+        nvext = gen.timing.nvext(time.perf_counter()) if gen.timing is not None else msgspec.UNSET
         if gen.chat:
             chat = ChatChoice(
                 index=0,
@@ -261,12 +273,16 @@ class GenerationResponse(Response):
                 logprobs=ChatChoiceLogprobs(logprobs.chat) if logprobs is not None else None,
             )
             return _encode(
-                ChatCompletionResponse(gen.response_id, gen.created, gen.model, [chat], self._usage())
+                ChatCompletionResponse(
+                    gen.response_id, gen.created, gen.model, [chat], self._usage(), nvext=nvext
+                )
             )
         choice = CompletionChoice(
             index=0, text=text, finish_reason=finish, logprobs=logprobs.completion() if logprobs else None
         )
-        return _encode(CompletionResponse(gen.response_id, gen.created, gen.model, [choice], self._usage()))
+        return _encode(
+            CompletionResponse(gen.response_id, gen.created, gen.model, [choice], self._usage(), nvext=nvext)
+        )
 
     async def _send_error(self, send: Send, err: TandemError) -> None:
         self.status = err.http_status

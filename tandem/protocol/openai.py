@@ -27,6 +27,13 @@ class ChatMessage(msgspec.Struct, omit_defaults=True):
     name: str | None = None
 
 
+class NvExt(msgspec.Struct, omit_defaults=True):
+    """Extension (NVIDIA Dynamo's `nvext`): only `extra_fields: ["timing"]` is understood; other
+    members and values are ignored (`tandem.frontend.timing`)."""
+
+    extra_fields: list[str] | None = None
+
+
 class _SamplingFields(msgspec.Struct, kw_only=True, omit_defaults=True):
     """Fields common to both endpoints. Extensions beyond OpenAI are marked."""
 
@@ -50,6 +57,7 @@ class _SamplingFields(msgspec.Struct, kw_only=True, omit_defaults=True):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     user: str | None = None
+    nvext: NvExt | None = None
 
 
 class ChatCompletionRequest(_SamplingFields, kw_only=True):
@@ -128,6 +136,8 @@ class ChatCompletionResponse(msgspec.Struct):
     choices: list[ChatChoice]
     usage: Usage
     object: str = "chat.completion"
+    nvext: dict[str, Any] | msgspec.UnsetType = msgspec.UNSET
+    """Only when the request asked for it (`tandem.frontend.timing`)."""
 
 
 class CompletionLogprobs(msgspec.Struct):
@@ -151,6 +161,8 @@ class CompletionResponse(msgspec.Struct):
     choices: list[CompletionChoice]
     usage: Usage
     object: str = "text_completion"
+    nvext: dict[str, Any] | msgspec.UnsetType = msgspec.UNSET
+    """Only when the request asked for it (`tandem.frontend.timing`)."""
 
 
 class ErrorBody(msgspec.Struct):

@@ -63,6 +63,7 @@ def test_closed_loop_token_prompts(tmp_path: Path, url: str, tiny_dir: Path) -> 
     assert rep["prompt_tokens_mean"] == 32
     assert rep["config"]["concurrency"] == 4
     assert rep["engine"] is None  # an in-process engine exports no worker series to split TTFT by
+    assert rep["server"] is None  # not asked for
 
 
 def test_open_loop_poisson(tmp_path: Path, url: str, tiny_dir: Path) -> None:
@@ -82,6 +83,22 @@ def test_chat_text_prompts(tmp_path: Path, url: str, tiny_dir: Path) -> None:
     )  # fmt: skip
     _sane(rep, 10, 6)
     assert rep["prompt_tokens_mean"] > 24  # the chat template adds its own tokens
+
+
+def test_server_timing_splits_ttft(tmp_path: Path, url: str, tiny_dir: Path) -> None:
+    rep = _bench(
+        tmp_path, url, "--chat", "--tokenizer", str(tiny_dir), "--concurrency", "2",
+        "--requests", "10", "--isl", "24", "--osl", "6", "--server-timing",
+    )  # fmt: skip
+    _sane(rep, 10, 6)
+    assert rep["prompt_tokens_mean"] > 24  # the timing rides on the finish chunk, usage still follows
+    split = rep["server"]
+    assert split["requests"] == 10
+    # The server's TTFT is inside the client's, and the two parts it names make it up.
+    assert 0 < split["ttft_ms"]["mean"] < rep["ttft_ms"]["mean"]
+    assert split["outside_ms"]["p50"] > 0
+    parts = split["intake_ms"]["mean"] + split["dispatch_to_first_ms"]["mean"]
+    assert parts == pytest.approx(split["ttft_ms"]["mean"], abs=0.01)
 
 
 def test_mooncake_trace_replay(tmp_path: Path, url: str, tiny_dir: Path) -> None:
