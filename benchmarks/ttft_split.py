@@ -9,6 +9,8 @@ each request's client-side TTFT with it:
 
     outside   the client's TTFT minus the server's: HTTP both ways, the server's HTTP layer before
               its handler, and the client's own delays (the same client for both systems)
+    in        of that, the way in: the server's receipt (Unix ms) minus the client's send (both on
+              this machine's clock; the server's whole milliseconds make it ~0.5 ms short for both)
     intake    the server's receipt to its dispatch to a worker: parse, chat template, tokenization,
               routing
     ->first   dispatch to the first token back in the frontend: the request plane both ways and the
@@ -40,7 +42,12 @@ except ImportError:  # imported as a package module (the tests)
     import benchmarks.serving_vs_dynamo as svd
     from benchmarks.serving_report import tandem_dynamo_pairs
 
-PARTS = (("outside_ms", "outside"), ("intake_ms", "intake"), ("dispatch_to_first_ms", "->first"))
+PARTS = (
+    ("outside_ms", "outside"),
+    ("way_in_ms", "in"),
+    ("intake_ms", "intake"),
+    ("dispatch_to_first_ms", "->first"),
+)
 
 
 def run_point(args: argparse.Namespace, dep: svd.Deployment, load: str, out: Path) -> dict[str, Any]:
@@ -75,7 +82,7 @@ def parts(r: dict[str, Any], stat: str) -> dict[str, float]:
 
 def line(name: str, load: str, r: dict[str, Any]) -> str:
     m, p = parts(r, "mean"), parts(r, "p50")
-    cells = " ".join(f"{m[k]:8.2f} {p[k]:8.2f}" for k in ("ttft", "outside", "intake", "->first"))
+    cells = " ".join(f"{m[k]:8.2f} {p[k]:8.2f}" for k in ("ttft", "outside", "in", "intake", "->first"))
     engine = f"{m['engine']:8.2f} {m['plane']:8.2f}" if "engine" in m else f"{'-':>8s} {'-':>8s}"
     return f"{name:30s} {load:>7s} {r['req_per_s']:7.1f} {cells} {engine} {r['itl_ms']['p50']:6.2f}"
 
@@ -99,7 +106,7 @@ def main() -> int:
     out_dir = Path(tempfile.mkdtemp(prefix="ttft-split-"))
     print(f"raw reports and logs in {out_dir}", flush=True)
     head = f"{'system':30s} {'load':>7s} {'req/s':>7s}"
-    for name in ("TTFT", "outside", "intake", "->first"):
+    for name in ("TTFT", "outside", "in", "intake", "->first"):
         head += f" {name + ' mean':>8s} {'p50':>8s}"
     head += f" {'engine':>8s} {'plane':>8s} {'ITL50':>6s}"
     print(head, flush=True)
@@ -115,7 +122,7 @@ def main() -> int:
     for ts, ds in tandem_dynamo_pairs(systems):
         for load in loads:
             cells = []
-            for key in ("ttft", "outside", "intake", "->first"):
+            for key in ("ttft", "outside", "in", "intake", "->first"):
                 for stat in ("mean", "p50"):
                     d = [
                         parts(a, stat)[key] - parts(b, stat)[key]

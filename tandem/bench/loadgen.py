@@ -180,6 +180,8 @@ async def _send(session: object, req: _Request, timeout_s: float) -> RequestReco
 
     assert isinstance(session, aiohttp.ClientSession)
     rec = RequestRecord(t_start=time.perf_counter())
+    if req.timing:
+        rec.sent_unix_ms = time.time() * 1000.0
     times = rec.chunk_times
     marker = req.marker
     try:
