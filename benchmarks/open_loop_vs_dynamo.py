@@ -27,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -89,19 +90,12 @@ def main() -> int:
     rates = [float(r) for r in args.rates.split(",")]
     out_dir = Path(tempfile.mkdtemp(prefix="open-loop-vs-dynamo-"))
     print(f"raw reports and logs in {out_dir}", flush=True)
-    runs: dict[tuple[str, float], list[dict[str, Any]]] = {}
     head = (
         f"{'system':30s} {'rate':>6s} {'req/s':>8s} {'TTFT50':>8s} {'TTFT99':>8s} {'ITL50':>7s} {'ITL99':>7s}"
         f" {'stackCPU':>8s} {'clntCPU':>8s}"
     )
     print(head, flush=True)
-    for rnd in range(args.rounds):
-        for s in systems if rnd % 2 == 0 else systems[::-1]:
-            with svd.running(args, 1.0, s, out_dir) as dep:
-                for rate in rates:
-                    r = run_rate(args, dep, rate, out_dir / f"{s}-{rate:g}-r{rnd}.json")
-                    runs.setdefault((s, rate), []).append(r)
-                    print(line(s, rate, r), flush=True)
+    runs = svd.alternating_rounds(args, systems, rates, partial(run_rate, args), line, out_dir)
     print(f"\nmedians over {args.rounds} rounds\n{head}")
     for rate in rates:
         for s in systems:

@@ -35,10 +35,10 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 try:  # run as a script (benchmarks/ is on sys.path), or imported as benchmarks.* (the tests)
     from serving_report import median_result, paired, point_key, summary, table
@@ -179,6 +179,31 @@ def running(args: argparse.Namespace, speedup: float, system: str, logdir: Path)
         yield dep
     finally:
         dep.stop()
+
+
+P = TypeVar("P")
+
+
+def alternating_rounds(
+    args: argparse.Namespace,
+    systems: list[str],
+    points: list[P],
+    run: Callable[[Deployment, P, Path], dict[str, Any]],
+    line: Callable[[str, P, dict[str, Any]], str],
+    out_dir: Path,
+) -> dict[tuple[str, P], list[dict[str, Any]]]:
+    """`args.rounds` rounds at speed-up 1: each deploys every system in turn (in reverse every other
+    round, so no system always runs first) and runs `run(deployment, point, report_path)` at every
+    point, printing `line(system, point, result)`. Every point's results, round by round."""
+    runs: dict[tuple[str, P], list[dict[str, Any]]] = {}
+    for rnd in range(args.rounds):
+        for s in systems if rnd % 2 == 0 else systems[::-1]:
+            with running(args, 1.0, s, out_dir) as dep:
+                for point in points:
+                    r = run(dep, point, out_dir / f"{s}-{point}-r{rnd}.json")
+                    runs.setdefault((s, point), []).append(r)
+                    print(line(s, point, r), flush=True)
+    return runs
 
 
 def wait_ready(dep: Deployment, timeout: float = 180.0) -> None:

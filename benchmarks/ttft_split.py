@@ -32,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -110,14 +111,7 @@ def main() -> int:
         head += f" {name + ' mean':>8s} {'p50':>8s}"
     head += f" {'engine':>8s} {'plane':>8s} {'ITL50':>6s}"
     print(head, flush=True)
-    runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for rnd in range(args.rounds):
-        for s in systems if rnd % 2 == 0 else systems[::-1]:
-            with svd.running(args, 1.0, s, out_dir) as dep:
-                for load in loads:
-                    r = run_point(args, dep, load, out_dir / f"{s}-{load}-r{rnd}.json")
-                    runs.setdefault((s, load), []).append(r)
-                    print(line(s, load, r), flush=True)
+    runs = svd.alternating_rounds(args, systems, loads, partial(run_point, args), line, out_dir)
     print("\nround by round (Tandem - Dynamo, ms; mean / p50 of each part)")
     for ts, ds in tandem_dynamo_pairs(systems):
         for load in loads:
