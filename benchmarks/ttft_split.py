@@ -16,12 +16,14 @@ each request's client-side TTFT with it:
     ->first   dispatch to the first token back in the frontend: the request plane both ways and the
               engine (its queue and prefill step)
 
-Against Tandem the client also reads the engines' own queue and prefill means from /metrics, so the
-last part splits into the engine and the request plane around it (Dynamo's mocker exports no such
-series). Same deployments and workload as `serving_vs_dynamo.py` (2 workers, simulated engine /
-mocker at speed-up 1, 100 prompt tokens, 50 output tokens, one token per SSE chunk). Rounds
-alternate which system runs first; the last lines give each part as Tandem minus Dynamo of the same
-round (median, rounds at or under, range), for means and medians.
+Tandem's timing also carries each request's engine time (`engine_ttft_ms`: its queue and prefill on
+the engine's clock), so against Tandem the last part splits into the engine and the request plane
+around it, request by request (Dynamo reports no such field).
+
+Same deployments and workload as `serving_vs_dynamo.py` (2 workers, simulated engine / mocker at
+speed-up 1, 100 prompt tokens, 50 output tokens, one token per SSE chunk). Rounds alternate which
+system runs first; the last lines give each part as Tandem minus Dynamo of the same round (median,
+rounds at or under), for means and medians.
 """
 
 from __future__ import annotations
@@ -74,10 +76,9 @@ def parts(r: dict[str, Any], stat: str) -> dict[str, float]:
     """Client TTFT, and its parts, as `stat` ("mean" or "p50") over the run's requests."""
     out = {"ttft": r["ttft_ms"][stat]}
     out.update({name: r["server"][key][stat] for key, name in PARTS})
-    engine = r.get("engine")
-    if engine is not None and stat == "mean":
-        out["engine"] = engine["ttft_ms"]
-        out["plane"] = out["->first"] - engine["ttft_ms"]
+    if r["server"].get("engine_ms", {}).get(stat) is not None:  # per request (Tandem)
+        out["engine"] = r["server"]["engine_ms"][stat]
+        out["plane"] = r["server"]["plane_ms"][stat]
     return out
 
 

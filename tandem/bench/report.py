@@ -149,7 +149,8 @@ def _server_split(ok: Sequence[RequestRecord]) -> dict[str, Any] | None:
     """The client's TTFT split by the server's timing of the same requests: `outside_ms`, the
     client's TTFT minus the server's (HTTP both ways, the client's own delays); `intake_ms`, the
     server's receipt to its dispatch to a worker; `dispatch_to_first_ms`, from there to the first
-    token back in the server. None when no request carried a timing."""
+    token back in the server, and of it (Tandem only) `engine_ms`, the engine's own time, and
+    `plane_ms`, the rest. None when no request carried a timing."""
     timed = [r for r in ok if r.server is not None and "ttft_ms" in r.server]
     if not timed:
         return None
@@ -172,6 +173,16 @@ def _server_split(ok: Sequence[RequestRecord]) -> dict[str, Any] | None:
         "way_in_ms": _dist_ms(way_in),
         "intake_ms": _dist_ms(seconds("prefill_wait_time_ms")),
         "dispatch_to_first_ms": _dist_ms(seconds("prefill_time_ms")),
+        # Tandem's `engine_ttft_ms`: the engine's share of dispatch-to-first-token, the rest is the
+        # request plane's (both ways).
+        "engine_ms": _dist_ms(seconds("engine_ttft_ms")),
+        "plane_ms": _dist_ms(
+            [
+                (float(r.server["prefill_time_ms"]) - float(r.server["engine_ttft_ms"])) / 1e3
+                for r in timed
+                if r.server is not None and "engine_ttft_ms" in r.server and "prefill_time_ms" in r.server
+            ]
+        ),
     }
 
 
@@ -206,8 +217,12 @@ def format_table(report: dict[str, Any], title: str = "") -> str:
             ("way_in_ms", " of it in"),
             ("intake_ms", "intake"),
             ("dispatch_to_first_ms", "->1st token"),
+            ("engine_ms", " of it engine"),
+            ("plane_ms", " of it plane"),
         ):
             d = server[key]
+            if d["mean"] is None:
+                continue
             cells = "".join(
                 f"{'-' if d[k] is None else f'{d[k]:.2f}':>10}" for k in ("p50", "p90", "p99", "mean")
             )

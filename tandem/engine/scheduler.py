@@ -288,6 +288,7 @@ class Scheduler:
                 if regroup and out.kv_transfer_params is None:  # not a prefill handed to a peer
                     self.regroup.finished(now)
             if item.start < len(req.prompt_token_ids):
+                out.engine_ttft_s = now - req.arrival_time
                 firsts.append(out)
             else:
                 outputs.append(out)

@@ -165,6 +165,7 @@ class GenerationResponse(Response):
                         ttft.observe(now - gen.started)
                         if gen.timing is not None:
                             gen.timing.first = now
+                            gen.timing.engine_ttft = out.engine_ttft_s
                     last = now
                 if n <= 1:
                     lps = out.new_logprobs
@@ -229,6 +230,7 @@ class GenerationResponse(Response):
                         gen.metrics.ttft.observe(now - gen.started)
                         if gen.timing is not None:
                             gen.timing.first = now
+                            gen.timing.engine_ttft = out.engine_ttft_s
                     last = now
                 delta, stopped = text.push(ids)
                 pieces.append(delta)

@@ -21,6 +21,9 @@ class EngineOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     num_cached_tokens: int = 0
     stop_reason: int | None = None
     kv_transfer_params: dict[str, Any] | None = None
+    engine_ttft_s: float = 0.0
+    """Set on a request's first token: the engine's own time from taking the request in to emitting
+    it (its queue and prefill, on the engine's clock), for the frontend's per-request timing."""
 
     @property
     def finished(self) -> bool:

@@ -177,4 +177,5 @@ def merge_outputs(first: EngineOutput, second: EngineOutput) -> EngineOutput:
         num_cached_tokens=second.num_cached_tokens or first.num_cached_tokens,
         stop_reason=second.stop_reason if second.stop_reason is not None else first.stop_reason,
         kv_transfer_params=second.kv_transfer_params or first.kv_transfer_params,
+        engine_ttft_s=first.engine_ttft_s or second.engine_ttft_s,
     )

@@ -188,6 +188,7 @@ class RouterBackend:
                 new_logprobs=first.new_logprobs,
                 num_prompt_tokens=first.num_prompt_tokens,
                 num_cached_tokens=cached,
+                engine_ttft_s=first.engine_ttft_s,
             )
             sent = time.perf_counter()
             async with aclosing(self._stream(decode_req, decode_workers, "decode")) as decode:

@@ -99,6 +99,8 @@ def test_server_timing_splits_ttft(tmp_path: Path, url: str, tiny_dir: Path) -> 
     assert split["outside_ms"]["p50"] > 0
     # The way in is part of the outside time (the server's whole milliseconds: up to 1 ms short).
     assert -1.0 <= split["way_in_ms"]["p50"] <= split["outside_ms"]["p50"] + 1.0
+    # Tandem's servers also say what their engine took of the way to the first token.
+    assert 0 < split["engine_ms"]["mean"] <= split["dispatch_to_first_ms"]["mean"]
     parts = split["intake_ms"]["mean"] + split["dispatch_to_first_ms"]["mean"]
     assert parts == pytest.approx(split["ttft_ms"]["mean"], abs=0.01)
 

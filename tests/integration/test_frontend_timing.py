@@ -38,7 +38,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreadedServer]
 
 
 def _check(timing: dict[str, float], before_ms: float, after_ms: float, tokens: int) -> None:
-    assert set(timing) == TIMING_FIELDS
+    assert set(timing) == TIMING_FIELDS | {"engine_ttft_ms"}
+    # Tandem's extra: the engine's own share of the time from dispatch to the first token.
+    assert PREFILL_MS <= timing["engine_ttft_ms"] <= timing["prefill_time_ms"]
     assert before_ms - 1 <= timing["request_received_ms"] <= after_ms + 1
     assert timing["prefill_wait_time_ms"] >= 0
     assert timing["prefill_time_ms"] >= PREFILL_MS  # the engine's prefill step is in it

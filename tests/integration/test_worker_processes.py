@@ -120,6 +120,13 @@ async def test_stream_from_two_workers_and_cancel_frees_kv(deployment: Deploymen
 
     await _until(freed, 10, "KV blocks to be freed after cancel")
 
+    # The first token's output brings the engine's own time to it over the request plane (the
+    # frontend's per-request timing reads it); later outputs do not repeat it.
+    outs = [o async for o in deployment.backend.generate(_req("timed", 4))]
+    tokens = [o for o in outs if o.new_token_ids]
+    assert tokens[0].engine_ttft_s > 0
+    assert all(o.engine_ttft_s == 0 for o in tokens[1:])
+
 
 async def test_kill_9_mid_stream_raises_worker_lost_and_leaves_registry(deployment: Deployment) -> None:
     gen = deployment.backend.generate(_req("doomed", 100_000))

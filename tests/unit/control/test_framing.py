@@ -47,12 +47,13 @@ def test_malformed_frames_raise_frame_error(body: bytes) -> None:
 
 
 def test_merge_outputs_concatenates_and_keeps_the_last_finish() -> None:
-    a = EngineOutput("r", [1, 2], new_logprobs=[-0.1, -0.2], num_prompt_tokens=5)
+    a = EngineOutput("r", [1, 2], new_logprobs=[-0.1, -0.2], num_prompt_tokens=5, engine_ttft_s=0.02)
     b = EngineOutput("r", [3], finish_reason="length", new_logprobs=[-0.3])
     m = merge_outputs(a, b)
     assert m.new_token_ids == [1, 2, 3]
     assert m.new_logprobs == [-0.1, -0.2, -0.3]
     assert m.finish_reason == "length" and m.num_prompt_tokens == 5
+    assert m.engine_ttft_s == 0.02  # the first token's engine time survives coalescing
 
 
 async def _pair() -> tuple[asyncio.StreamReader, asyncio.StreamWriter, asyncio.Server]:

@@ -73,6 +73,19 @@ def test_a_steps_first_tokens_come_before_its_decode_tokens():
     assert [o.request_id for o in outs] == ["long", "d1", "d2", "new"]
 
 
+def test_the_first_token_carries_the_engines_own_time_to_it():
+    # The frontend's per-request timing reads it: the engine's queue and prefill of that request.
+    core, _, _ = make_core()
+    core.add_request([1, 2, 3, 4, 5], SamplingParams(max_tokens=4, temperature=0), request_id="a")
+    outs = []
+    while core.has_unfinished():
+        outs.extend(core.step())
+    phases = core.scheduler.phases
+    assert outs[0].engine_ttft_s > 0
+    assert outs[0].engine_ttft_s == pytest.approx(phases.queue.sum + phases.prefill.sum)
+    assert [o.engine_ttft_s for o in outs[1:]] == [0.0] * 3
+
+
 def test_prefix_hit_skips_cached_tokens_but_leaves_the_last_token():
     core, _, _ = make_core()
     prompt = list(range(1, 18))  # 17 tokens: 4 full blocks of 4
