@@ -63,6 +63,24 @@ def tokenize_batch_chars() -> int:
     return 4096 if n is None else n
 
 
+def worker_switch_interval_s() -> float | None:
+    """TANDEM_WORKER_SWITCH_INTERVAL_MS: how long a worker process's threads may hold the GIL while
+    another waits for it (`sys.setswitchinterval`), in ms; unset or 0 keeps Python's 5 ms.
+
+    A worker's event loop thread (request plane) and its engine thread share the GIL: at 5 ms the
+    loop can wait for the engine thread's host work of the next step before it writes a step's
+    tokens or takes in a new request. At 0.5 ms a c=16 closed loop's slowest 1% of hand-offs from
+    the worker to the frontend fell from 9-13 ms to 2-2.5 ms, and its TTFT p99 from 6 ms over
+    NVIDIA Dynamo's to under it; but a saturated worker (simulated engine at speed-up 10000) served
+    40% fewer requests, its two threads trading the GIL back and forth (docs/benchmarks.md,
+    session 21). So the default stays Python's."""
+    value = os.environ.get("TANDEM_WORKER_SWITCH_INTERVAL_MS")
+    ms = float(value) if value else 0.0
+    if not 0 <= ms <= 100:
+        raise ValueError(f"TANDEM_WORKER_SWITCH_INTERVAL_MS must be in [0, 100], got {value!r}")
+    return ms / 1000 if ms else None
+
+
 def _int_at_least(name: str, minimum: int) -> int | None:
     """The integer setting `name` (None when unset); ValueError below `minimum`."""
     value = os.environ.get(name)

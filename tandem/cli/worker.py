@@ -16,6 +16,7 @@ import sys
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
+from tandem import env
 from tandem.deploy.spec import ENGINE_ARGS
 from tandem.engine.config import EngineConfig
 from tandem.engines.factory import ENGINES
@@ -108,7 +109,15 @@ def run(args: argparse.Namespace) -> int:
         drain_timeout=args.drain_timeout,
         kv_hold_timeout=args.kv_hold_timeout,
     )
+    apply_switch_interval()
     return run_event_loop(serve_worker(config, args.registry))
+
+
+def apply_switch_interval() -> None:
+    """This worker process's GIL switch interval (`tandem.env.worker_switch_interval_s`)."""
+    interval = env.worker_switch_interval_s()
+    if interval is not None:
+        sys.setswitchinterval(interval)
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
