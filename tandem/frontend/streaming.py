@@ -164,8 +164,7 @@ class GenerationResponse(Response):
                     else:
                         ttft.observe(now - gen.started)
                         if gen.timing is not None:
-                            gen.timing.first = now
-                            gen.timing.engine_ttft = out.engine_ttft_s
+                            gen.timing.first_token(now, out.engine_ttft_s)
                     last = now
                 if n <= 1:
                     lps = out.new_logprobs
@@ -229,8 +228,7 @@ class GenerationResponse(Response):
                     else:
                         gen.metrics.ttft.observe(now - gen.started)
                         if gen.timing is not None:
-                            gen.timing.first = now
-                            gen.timing.engine_ttft = out.engine_ttft_s
+                            gen.timing.first_token(now, out.engine_ttft_s)
                     last = now
                 delta, stopped = text.push(ids)
                 pieces.append(delta)

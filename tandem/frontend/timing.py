@@ -43,6 +43,11 @@ class RequestTiming:
         self.engine_ttft = 0.0
         """Seconds, from the first token's output (`EngineOutput.engine_ttft_s`); 0.0: not sent."""
 
+    def first_token(self, now: float, engine_ttft_s: float) -> None:
+        """The first token reached the frontend at `now`; the engine took `engine_ttft_s` of it."""
+        self.first = now
+        self.engine_ttft = engine_ttft_s
+
     def fields(self, now: float) -> dict[str, float | int]:
         """The `timing` object, the request ending at `now`."""
         ms = 1000.0

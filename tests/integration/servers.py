@@ -6,6 +6,9 @@ import json
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -36,6 +39,24 @@ class ThreadedServer:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+@contextmanager
+def sim_frontend(
+    model_dir: Path, *, speedup: float, config: Any, name: str = "tiny"
+) -> Iterator[ThreadedServer]:
+    """The OpenAI frontend over an in-process simulated engine (`LocalBackend`) on a free port;
+    the server and the engine stop when the block ends."""
+    from tandem.frontend.app import create_app
+    from tandem.frontend.local import LocalBackend
+
+    backend = LocalBackend.build(model_dir, engine="sim", name=name, speedup=speedup, config=config)
+    server = ThreadedServer(create_app(backend))
+    try:
+        yield server
+    finally:
+        server.stop()
+        backend.close()
 
 
 MODEL = "tiny"

@@ -12,10 +12,8 @@ import pytest
 
 from tandem.cli.main import main
 from tandem.engine.config import EngineConfig
-from tandem.frontend.app import create_app
-from tandem.frontend.local import LocalBackend
 from tandem.models.tiny import write_tiny_model
-from tests.integration.servers import ThreadedServer
+from tests.integration.servers import sim_frontend
 
 
 @pytest.fixture(scope="module")
@@ -26,13 +24,8 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def url(tiny_dir: Path) -> Iterator[str]:
     # speed-up 50: ~0.1 ms decode steps, so ITL is measurable and a run takes well under a second.
-    config = EngineConfig(block_size=16, max_model_len=1024)
-    backend = LocalBackend.build(tiny_dir, engine="sim", name="tiny", speedup=50, config=config)
-    server = ThreadedServer(create_app(backend))
-    yield server.url
-    server.server.should_exit = True
-    server.thread.join(timeout=10)
-    backend.close()
+    with sim_frontend(tiny_dir, speedup=50, config=EngineConfig(block_size=16, max_model_len=1024)) as server:
+        yield server.url
 
 
 def _bench(tmp_path: Path, url: str, *args: str) -> dict[str, Any]:

@@ -19,7 +19,15 @@ from tandem.engine.request import SamplingParams
 from tandem.frontend.app import create_app
 from tandem.frontend.local import LocalBackend
 from tandem.models.tiny import write_tiny_model
-from tests.integration.servers import CHAT, MODEL, ThreadedServer, chat_body, expect_error, post_json
+from tests.integration.servers import (
+    CHAT,
+    MODEL,
+    ThreadedServer,
+    chat_body,
+    expect_error,
+    post_json,
+    sim_frontend,
+)
 
 
 @pytest.fixture(scope="module")
@@ -29,13 +37,8 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def sim_server(tiny_dir: Path) -> Iterator[ThreadedServer]:
-    backend = LocalBackend.build(
-        tiny_dir, engine="sim", name=MODEL, speedup=1000, config=EngineConfig(max_model_len=256)
-    )
-    server = ThreadedServer(create_app(backend))
-    yield server
-    server.stop()
-    backend.close()
+    with sim_frontend(tiny_dir, speedup=1000, config=EngineConfig(max_model_len=256), name=MODEL) as server:
+        yield server
 
 
 @pytest.fixture

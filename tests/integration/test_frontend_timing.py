@@ -14,10 +14,8 @@ import openai
 import pytest
 
 from tandem.engine.config import EngineConfig
-from tandem.frontend.app import create_app
-from tandem.frontend.local import LocalBackend
 from tandem.models.tiny import write_tiny_model
-from tests.integration.servers import CHAT, MODEL, ThreadedServer
+from tests.integration.servers import CHAT, MODEL, ThreadedServer, sim_frontend
 
 TIMING_FIELDS = {"request_received_ms", "prefill_wait_time_ms", "prefill_time_ms", "ttft_ms", "total_time_ms"}
 NVEXT = {"nvext": {"extra_fields": ["worker_id", "timing"]}}
@@ -28,13 +26,8 @@ PREFILL_MS = 16.5
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreadedServer]:
     tiny_dir: Path = write_tiny_model(tmp_path_factory.mktemp("tiny"))
-    backend = LocalBackend.build(
-        tiny_dir, engine="sim", name=MODEL, speedup=1, config=EngineConfig(max_model_len=256)
-    )
-    server = ThreadedServer(create_app(backend))
-    yield server
-    server.stop()
-    backend.close()
+    with sim_frontend(tiny_dir, speedup=1, config=EngineConfig(max_model_len=256), name=MODEL) as server:
+        yield server
 
 
 def _check(timing: dict[str, float], before_ms: float, after_ms: float, tokens: int) -> None:
