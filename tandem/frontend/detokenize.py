@@ -17,11 +17,22 @@ decode ids[prefix:] and ids[prefix:read], and emit the difference unless it ends
 
 With a Rust `tokenizers` backend the same algorithm runs inside `tokenizers.decoders.DecodeStream`
 (one native call per engine output); other tokenizers use the Python version.
+
+Byte-level BPE (GPT-2, Llama 3, SmolLM2: a `ByteLevel` decoder and nothing else) needs neither: a
+token always stands for the same bytes, so a step is a table lookup and the standard library's
+incremental UTF-8 decoder, which holds back an unfinished character and replaces invalid bytes as
+`tokenizers` does. Per token that is about a tenth of a `DecodeStream.step` call, and detokenizing
+was an eighth of a busy frontend's CPU (docs/benchmarks.md, session 22). `byte_table` builds the
+table once per tokenizer; `ModelTokenizer` builds it at load.
 """
 
 from __future__ import annotations
 
+import codecs
+import json
 import logging
+import re
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,20 +40,91 @@ log = logging.getLogger(__name__)
 
 REPLACEMENT = "\ufffd"
 
+_TABLES: weakref.WeakKeyDictionary[Any, tuple[bytes, ...] | None] = weakref.WeakKeyDictionary()
+_utf8_decoder = codecs.getincrementaldecoder("utf-8")
+
+
+def _byte_alphabet() -> str:
+    """The byte-level alphabet: the character standing for each byte, in byte order. Printable bytes
+    stand for themselves, the others (space included) for code points from U+0100 on (GPT-2's
+    `bytes_to_unicode`)."""
+    printable = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
+    extra = iter(range(256, 512))
+    return "".join(chr(b) if b in printable else chr(next(extra)) for b in range(256))
+
+
+def byte_table(tokenizer: Any) -> tuple[bytes, ...] | None:
+    """The bytes each token id decodes to with `skip_special_tokens` (special ones: none), when the
+    tokenizer's decoder is byte-level alone; else None. Built once per tokenizer object."""
+    try:
+        return _TABLES[tokenizer]
+    except KeyError:
+        pass
+    except TypeError:  # not weak-referenceable: build without caching
+        return _build_byte_table(tokenizer)
+    table = _TABLES[tokenizer] = _build_byte_table(tokenizer)
+    return table
+
+
+def _build_byte_table(tokenizer: Any) -> tuple[bytes, ...] | None:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    decoder = getattr(backend, "decoder", None)
+    if backend is None or decoder is None:
+        return None
+    try:
+        spec = json.loads(decoder.__getstate__())
+    except (ValueError, TypeError, AttributeError):
+        return None
+    steps = spec.get("decoders", []) if spec.get("type") == "Sequence" else [spec]
+    if [d.get("type") for d in steps] != ["ByteLevel"]:
+        return None
+    alphabet = _byte_alphabet()
+    to_latin1 = str.maketrans({c: chr(b) for b, c in enumerate(alphabet)})
+    outside = re.compile(f"[^{re.escape(alphabet)}]")
+    special = {i for i, t in backend.get_added_tokens_decoder().items() if t.special}
+    table = []
+    for i in range(backend.get_vocab_size(with_added_tokens=True)):
+        token = backend.id_to_token(i)
+        if token is None or i in special:
+            table.append(b"")
+        elif outside.search(token):
+            # As the ByteLevel decoder does: a token with a character outside the alphabet (an
+            # added token's plain text) stands for its own UTF-8, not for bytes character by character.
+            table.append(token.encode())
+        else:
+            table.append(token.translate(to_latin1).encode("latin-1"))
+    return tuple(table)
+
 
 class IncrementalDetokenizer:
     """Detokenizes one request's output ids as they arrive (see the module contract)."""
 
-    __slots__ = ("_backend", "_ids", "_n_chars", "_pending", "_prefix", "_read", "_stream", "_tokenizer")
+    __slots__ = (
+        "_backend",
+        "_ids",
+        "_n_chars",
+        "_pending",
+        "_prefix",
+        "_read",
+        "_stream",
+        "_table",
+        "_tokenizer",
+        "_utf8",
+    )
 
-    def __init__(self, tokenizer: Any, *, force_python: bool = False) -> None:
+    def __init__(self, tokenizer: Any, *, force_python: bool = False, force_stream: bool = False) -> None:
+        """`force_python` / `force_stream`: the Python or `DecodeStream` version even where a byte
+        table would do (tests compare all three)."""
         self._tokenizer = tokenizer
+        self._table = None if force_python or force_stream else byte_table(tokenizer)
+        self._utf8 = _utf8_decoder("replace") if self._table is not None else None
         self._ids: list[int] = []
         self._n_chars = 0
         self._pending = False
         self._prefix = 0
         self._read = 0
-        backend = None if force_python else getattr(tokenizer, "backend_tokenizer", None)
+        native = not force_python and self._table is None
+        backend = getattr(tokenizer, "backend_tokenizer", None) if native else None
         self._backend = backend
         self._stream: Any = None
         if backend is not None:
@@ -54,6 +136,16 @@ class IncrementalDetokenizer:
         """Feed the ids new since the last call; return the text they complete ("" if none yet)."""
         if not new_ids:
             return ""
+        if self._utf8 is not None:
+            table = self._table
+            assert table is not None
+            n = len(table)
+            if len(new_ids) == 1:
+                i = new_ids[0]
+                data = table[i] if 0 <= i < n else b""  # an id past the vocabulary decodes to nothing
+            else:
+                data = b"".join([table[i] for i in new_ids if 0 <= i < n])
+            return str(self._utf8.decode(data))
         self._ids.extend(new_ids)
         if self._stream is not None:
             text = self._stream.step(self._backend, list(new_ids))
@@ -67,6 +159,8 @@ class IncrementalDetokenizer:
 
     def flush(self) -> str:
         """The text still held back (an unfinished character at the end decodes to U+FFFD)."""
+        if self._utf8 is not None:
+            return str(self._utf8.decode(b"", True))
         if self._stream is not None:
             if not self._pending:
                 return ""

@@ -24,6 +24,7 @@ from typing import Any
 
 from tandem import env
 from tandem.frontend.chat_tokens import PieceCache
+from tandem.frontend.detokenize import byte_table
 from tandem.frontend.errors import FieldError
 from tandem.frontend.microbatch import MicrobatchEncoder
 from tandem.protocol.errors import CheckpointError, InvalidRequestError
@@ -67,6 +68,7 @@ class ModelTokenizer:
             raise CheckpointError(f"no tokenizer files (tokenizer.json / tokenizer_config.json) in {path}")
         self.tokenizer: Any = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         self.has_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
+        byte_table(self.tokenizer)  # now, not on the first request's first token
         self._token_text: dict[int, str] = {}
         # The Rust tokenizer skips transformers' Python layer (~15% of encode time); use it only when
         # it agrees with `tokenizer(...)` on special tokens, which transformers may add in Python.

@@ -5,14 +5,24 @@ from typing import Any
 
 import pytest
 
-from tandem.frontend.detokenize import REPLACEMENT, IncrementalDetokenizer, StopStrings, TextStream
+from tandem.frontend.detokenize import (
+    REPLACEMENT,
+    IncrementalDetokenizer,
+    StopStrings,
+    TextStream,
+    byte_table,
+)
 
 MULTIBYTE = "héllo 日本語 ok 🙂! ça va — naïve"
 
 
-@pytest.fixture(params=["rust", "python"])
+@pytest.fixture(params=["table", "stream", "python"])
 def make_detok(request: pytest.FixtureRequest, hf_tokenizer: Any) -> Any:
-    return lambda: IncrementalDetokenizer(hf_tokenizer, force_python=request.param == "python")
+    """The byte table (the tiny model's tokenizer is byte-level BPE), `DecodeStream`, and Python."""
+    kind = request.param
+    return lambda: IncrementalDetokenizer(
+        hf_tokenizer, force_python=kind == "python", force_stream=kind == "stream"
+    )
 
 
 def _feed(detok: IncrementalDetokenizer, ids: list[int], sizes: list[int]) -> list[str]:
@@ -46,6 +56,45 @@ def test_deltas_concatenate_to_full_decode_for_any_ids(make_detok: Any, hf_token
             left -= sizes[-1]
         deltas = _feed(make_detok(), ids, sizes)
         assert "".join(deltas) == hf_tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_byte_table_decodes_every_id_as_the_tokenizer_does(hf_tokenizer: Any) -> None:
+    table = byte_table(hf_tokenizer)
+    assert table is not None and table is byte_table(hf_tokenizer)  # built once
+    assert len(table) == len(hf_tokenizer)
+    for i in range(len(table)):
+        assert table[i].decode("utf-8", "replace") == hf_tokenizer.decode([i], skip_special_tokens=True)
+    # Long runs of raw byte tokens: invalid and cut-off UTF-8 is replaced as `tokenizers` does.
+    byte_ids = [i for i in range(len(table)) if len(table[i]) == 1 and table[i][0] >= 0x80]
+    rng = random.Random(2)
+    for _ in range(200):
+        ids = [rng.choice(byte_ids) for _ in range(rng.randrange(1, 12))]
+        detok = IncrementalDetokenizer(hf_tokenizer)
+        text = "".join(detok.step([i]) for i in ids) + detok.flush()
+        assert text == hf_tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_byte_table_takes_added_plain_text_tokens_as_utf8(tiny_dir: Any) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_dir), local_files_only=True)
+    tokenizer.add_tokens(["ça va", "Ġplain"])  # not special: decoded as text
+    table = byte_table(tokenizer)
+    assert table is not None
+    for i in range(len(tokenizer) - 2, len(tokenizer)):
+        assert table[i].decode() == tokenizer.decode([i], skip_special_tokens=True)
+
+
+def test_no_byte_table_for_other_decoders() -> None:
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({"[UNK]": 0, "hello": 1, "##lo": 2}, unk_token="[UNK]"))
+    backend.decoder = decoders.WordPiece()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend)
+    assert byte_table(tokenizer) is None
+    detok = IncrementalDetokenizer(tokenizer)
+    assert detok.step([1]) + detok.step([2]) + detok.flush() == tokenizer.decode([1, 2])
 
 
 def test_no_delta_ends_inside_a_character(make_detok: Any, hf_tokenizer: Any) -> None:
