@@ -44,8 +44,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--frontends",
         type=int,
-        default=1,
-        help="HTTP frontend processes sharing the port (each parses, tokenizes, routes and streams)",
+        default=None,
+        help="HTTP frontend processes sharing the port (each parses, tokenizes, routes and streams); "
+        "default 2 on a machine with 2+ CPUs, else 1",
     )
     p.add_argument("--workers", type=int, default=1, help="aggregated workers (prefill and decode)")
     p.add_argument("--prefill-workers", type=int, default=0, help="disaggregated: prefill workers")
@@ -120,7 +121,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def spec_from_args(args: argparse.Namespace) -> DeploymentSpec:
-    from tandem.deploy.spec import ENGINE_ARGS, DeploymentSpec, PoolSpec
+    from tandem.deploy.spec import ENGINE_ARGS, DeploymentSpec, PoolSpec, default_frontends
 
     if args.file:
         return DeploymentSpec.from_yaml(args.file)
@@ -160,7 +161,7 @@ def spec_from_args(args: argparse.Namespace) -> DeploymentSpec:
         kv_policy=kv_policy_from_args(args),
         queue_size=args.router_queue_size,
         queue_timeout=args.router_queue_timeout,
-        frontends=args.frontends,
+        frontends=default_frontends() if args.frontends is None else args.frontends,
     )
 
 

@@ -13,6 +13,7 @@ construction; unknown keys are errors (a typo must not silently fall back to a d
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -87,6 +88,20 @@ class PoolSpec:
         return args
 
 
+def default_frontends() -> int:
+    """Frontend processes where a deployment does not say: two where this process may run on two
+    or more CPUs, one on a single CPU. One Python frontend is one event loop: a closed loop's
+    turnover (parse, template, tokenize, route for each new request) and every stream's tokens wait
+    for each other there. A second process on another core took a c=64 closed loop's TTFT p50 from
+    16 ms behind Dynamo's multi-threaded frontend to 2 ms ahead on 2 vCPUs, for ~20% more frontend
+    CPU per token at c=16 and 1.6% of a core per idle process (docs/benchmarks.md, session 22)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return 2 if cpus >= 2 else 1
+
+
 @dataclass(frozen=True)
 class DeploymentSpec:
     model: str
@@ -109,8 +124,9 @@ class DeploymentSpec:
     """Requests that may wait for a worker under its busy limit (0: refuse them at once with 503)."""
     queue_timeout: float = 30.0
     """Seconds a request waits in that queue before a 503."""
-    frontends: int = 1
-    """HTTP frontend processes sharing the port (`tandem serve --frontends`, `frontend: {processes}`)."""
+    frontends: int = field(default_factory=default_frontends)
+    """HTTP frontend processes sharing the port (`tandem serve --frontends`, `frontend: {processes}`);
+    by default `default_frontends()`."""
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES and self.policy not in KV_POLICIES:
@@ -153,6 +169,7 @@ class DeploymentSpec:
         _check_keys("model", model, {"path", "served_name"})
         frontend = data.get("frontend") or {}
         _check_keys("frontend", frontend, {"host", "port", "processes"})
+        processes = frontend.get("processes")
         router = data.get("router") or {}
         router_keys = {"policy", "disagg_min_prompt_tokens", "enforce_disagg", "queue_size", "queue_timeout"}
         router_keys.update(KV_POLICY_FIELDS)
@@ -167,7 +184,7 @@ class DeploymentSpec:
             served_name=model.get("served_name"),
             host=frontend.get("host", "127.0.0.1"),
             port=int(frontend.get("port", 8000)),
-            frontends=int(frontend.get("processes", 1)),
+            frontends=int(processes) if processes is not None else default_frontends(),
             policy=router.get("policy", "round-robin"),
             pools=tuple(pools),
             name=data.get("name", "tandem"),

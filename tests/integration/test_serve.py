@@ -35,6 +35,7 @@ def test_serve_streams_and_drains_on_sigterm(tiny_model: Path, tmp_path: Path) -
     cmd = [sys.executable, "-m", "tandem.cli.main", "--log-level", "WARNING", "serve"]
     cmd += ["--model", str(tiny_model), "--engine", "sim", "--workers", "2", "--speedup", "20"]
     cmd += ["--port", str(port), "--router", "least-loaded", "--log-dir", str(tmp_path / "logs")]
+    cmd += ["--frontends", "1"]  # its children are the 2 workers (several frontends: test_serve_frontends)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     workers: list[int] = []
     try:
@@ -128,7 +129,8 @@ def test_serve_busy_limit_queues_then_sheds_with_503(tiny_model: Path, tmp_path:
     cmd += ["--port", str(port), "--router", "kv", "--block-size", "16", "--num-blocks", "64"]
     # One 200-token prompt (13 blocks of 64) puts a worker past 10% of its KV: busy.
     cmd += ["--router-busy-threshold", "0.1", "--router-queue-size", "2", "--router-queue-timeout", "30"]
-    cmd += ["--log-dir", str(tmp_path / "logs")]
+    # One frontend: the wait queue is each frontend process's own, and the counts below are one queue's.
+    cmd += ["--log-dir", str(tmp_path / "logs"), "--frontends", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     try:
         base = _wait_ready(proc, port)

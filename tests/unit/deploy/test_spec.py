@@ -10,7 +10,7 @@ import pytest
 
 from tandem.cli import worker
 from tandem.cli.serve import spec_from_args
-from tandem.deploy.spec import ENGINE_ARGS, DeploymentSpec, PoolSpec
+from tandem.deploy.spec import ENGINE_ARGS, DeploymentSpec, PoolSpec, default_frontends
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 
@@ -165,6 +165,24 @@ def test_a_deployment_file_asks_for_frontend_processes_and_round_trips() -> None
     assert DeploymentSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
     with pytest.raises(ValueError, match="frontends"):
         DeploymentSpec.from_dict({"model": "m", "frontend": {"processes": 0}, "pools": [{"name": "w"}]})
+
+
+@pytest.mark.parametrize(("cpus", "expected"), [(1, 1), (2, 2), (64, 2)])
+def test_frontend_processes_default_to_two_on_two_or_more_cpus(
+    monkeypatch: pytest.MonkeyPatch, cpus: int, expected: int
+) -> None:
+    import os
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)))
+    assert default_frontends() == expected
+    # Where neither the flags nor the deployment file say: the default, both ways in.
+    assert spec_from_args(_serve_args("--model", "m")).frontends == expected
+    pools = [{"name": "w", "engine": "sim"}]
+    assert DeploymentSpec.from_dict({"model": "m", "pools": pools}).frontends == expected
+    # Said: taken as said.
+    assert spec_from_args(_serve_args("--model", "m", "--frontends", "1")).frontends == 1
+    spec = DeploymentSpec.from_dict({"model": "m", "frontend": {"processes": 1}, "pools": pools})
+    assert spec.frontends == 1
 
 
 def test_the_first_frontend_refuses_a_port_another_deployment_shares() -> None:
