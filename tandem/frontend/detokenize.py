@@ -21,7 +21,7 @@ With a Rust `tokenizers` backend the same algorithm runs inside `tokenizers.deco
 Byte-level BPE (GPT-2, Llama 3, SmolLM2: a `ByteLevel` decoder and nothing else) needs neither: a
 token always stands for the same bytes, so a step is a table lookup and the standard library's
 incremental UTF-8 decoder, which holds back an unfinished character and replaces invalid bytes as
-`tokenizers` does. Per token that is about a tenth of a `DecodeStream.step` call, and detokenizing
+`tokenizers` does. Per token that is about a third of a `DecodeStream.step` call; detokenizing
 was an eighth of a busy frontend's CPU (docs/benchmarks.md, session 22). `byte_table` builds the
 table once per tokenizer; `ModelTokenizer` builds it at load.
 """
