@@ -1,4 +1,5 @@
-"""Every environment variable Tandem reads, read here and nowhere else.
+"""Every environment variable Tandem reads, read here and nowhere else, and the CPUs this process
+may use (`usable_cpus`).
 
 Each is a function rather than a module constant so tests can set the variable (monkeypatch.setenv)
 after import and see it take effect.
@@ -8,6 +9,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask on Linux, else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def cache_dir() -> Path:

@@ -13,12 +13,12 @@ construction; unknown keys are errors (a typo must not silently fall back to a d
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from tandem import env
 from tandem.engines.factory import ENGINES
 from tandem.router.basic import KV_POLICIES, KV_POLICY_FIELDS, POLICIES, check_kv_policy
 
@@ -95,11 +95,7 @@ def default_frontends() -> int:
     for each other there. A second process on another core took a c=64 closed loop's TTFT p50 from
     16 ms behind Dynamo's multi-threaded frontend to 2 ms ahead on 2 vCPUs, for ~20% more frontend
     CPU per token at c=16 and 1.6% of a core per idle process (docs/benchmarks.md, session 22)."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cpus = os.cpu_count() or 1
-    return 2 if cpus >= 2 else 1
+    return 2 if env.usable_cpus() >= 2 else 1
 
 
 @dataclass(frozen=True)

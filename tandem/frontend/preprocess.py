@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,9 +187,7 @@ class ModelTokenizer:
         return text
 
 
-_TOKENIZE_THREADS = min(
-    8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-)
+_TOKENIZE_THREADS = min(8, env.usable_cpus())
 """The frontend's tokenizer threads: one per core this process may use, at most 8."""
 _tokenize_pool: ThreadPoolExecutor | None = None
 

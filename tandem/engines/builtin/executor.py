@@ -156,8 +156,8 @@ def _configure_threads(device: torch.device, num_threads: int | None) -> None:
     if n is not None:
         torch.set_num_threads(n)
         return
-    if "OMP_NUM_THREADS" in os.environ or not hasattr(os, "sched_getaffinity"):
+    if "OMP_NUM_THREADS" in os.environ:
         return
-    usable = len(os.sched_getaffinity(0))
+    usable = env.usable_cpus()
     if torch.get_num_threads() > usable:
         torch.set_num_threads(usable)

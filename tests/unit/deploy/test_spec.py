@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -171,8 +172,6 @@ def test_a_deployment_file_asks_for_frontend_processes_and_round_trips() -> None
 def test_frontend_processes_default_to_two_on_two_or_more_cpus(
     monkeypatch: pytest.MonkeyPatch, cpus: int, expected: int
 ) -> None:
-    import os
-
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)))
     assert default_frontends() == expected
     # Where neither the flags nor the deployment file say: the default, both ways in.
