@@ -27,20 +27,13 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from tandem.frontend.chat_template import PROBE_TEXTS, probe_conversations
+
 EncodeMany = Callable[[list[str]], list[list[int]]]
 """Token ids of each text, no special tokens added (one batched tokenizer call)."""
 
 ENTRY_CHARS = 64
 """Each entry counts at least this many characters, so many tiny pieces stay bounded too."""
-
-_PROBE_TEXTS = (
-    "Hello, world! 123 and 4567.",
-    " leading space, trailing space ",
-    "Line one\nline two\n\n  indented\ttab",
-    "naïve café — “quotes” 😀🎉 日本語のテキスト",
-    "e\u0301 (combining accent) and \u00e9 (precomposed)",
-    "don't can't we'll I'm you're",
-)
 
 
 class PieceCache:
@@ -146,23 +139,13 @@ class PieceCache:
 
 
 def _probe_prompts(render: Callable[[list[dict[str, str]]], str]) -> list[str]:
-    """Rendered probe chats: several roles and turns, text that starts without a space after an
-    added token, whitespace runs, accents, emoji and CJK."""
-    t = _PROBE_TEXTS
-    chats = [
-        [{"role": "user", "content": t[0]}],
-        [{"role": "system", "content": t[1]}, {"role": "user", "content": t[2]}],
-        [
-            {"role": "user", "content": t[3]},
-            {"role": "assistant", "content": t[4]},
-            {"role": "user", "content": t[5]},
-        ],
-    ]
+    """The probe chats, rendered (`tandem.frontend.chat_template.probe_conversations`), and the
+    probe texts on their own."""
     prompts = []
-    for chat in chats:
+    for chat in probe_conversations():
         try:
             prompts.append(render(chat))
         except Exception:  # a template may refuse a role (e.g. no system); the others still probe
             continue
-    prompts.extend(t)
+    prompts.extend(PROBE_TEXTS)
     return prompts

@@ -2,7 +2,8 @@
 
 Contracts:
 - Chat prompts are rendered exactly as transformers does (`apply_chat_template(messages,
-  add_generation_prompt=True)`) and tokenized without adding special tokens, as transformers does
+  add_generation_prompt=True)`; `ChatTemplate` calls its compiled template directly when a self-check
+  allows) and tokenized without adding special tokens, as transformers does
   for `tokenize=True`: the template already wrote them.
 - Completion prompts are tokenized with the tokenizer's own special-token rule (`tokenizer(prompt)`);
   token-id prompts pass through.
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from tandem import env
+from tandem.frontend.chat_template import ChatTemplate
 from tandem.frontend.chat_tokens import PieceCache
 from tandem.frontend.detokenize import byte_table
 from tandem.frontend.errors import FieldError
@@ -67,6 +69,7 @@ class ModelTokenizer:
             raise CheckpointError(f"no tokenizer files (tokenizer.json / tokenizer_config.json) in {path}")
         self.tokenizer: Any = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         self.has_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
+        self._template = ChatTemplate.for_tokenizer(self.tokenizer) if self.has_chat_template else None
         byte_table(self.tokenizer)  # now, not on the first request's first token
         self._token_text: dict[int, str] = {}
         # The Rust tokenizer skips transformers' Python layer (~15% of encode time); use it only when
@@ -101,15 +104,16 @@ class ModelTokenizer:
         )
         self._pieces = (
             PieceCache.for_tokenizer(
-                self._backend, self._encode_many, self._render, env.chat_token_cache_chars()
+                self._backend, self._encode_many, self._template, env.chat_token_cache_chars()
             )
-            if self._backend is not None and self.has_chat_template
+            if self._backend is not None and self._template is not None
             else None
         )
         log.info(
-            "loaded tokenizer from %s (fast path %s, chat pieces cached %s)",
+            "loaded tokenizer from %s (fast path %s, chat template direct %s, chat pieces cached %s)",
             path,
             self._backend is not None,
+            self._template is not None and self._template.direct,
             self._pieces is not None,
         )
 
@@ -147,9 +151,6 @@ class ModelTokenizer:
         """
         return chars > self._batch_chars and not alone
 
-    def _render(self, conv: list[dict[str, str]]) -> str:
-        return str(self.tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=False))
-
     async def encode_async(self, text: str, add_special_tokens: bool, alone: bool = False) -> list[int]:
         """`encode`, batched with the prompts arriving now unless short or `alone` (see `_batched`)."""
         if not self._batched(alone, len(text)):
@@ -171,14 +172,13 @@ class ModelTokenizer:
         return cache.assemble(parts, new)
 
     def render_chat(self, messages: list[ChatMessage]) -> str:
-        if not self.has_chat_template:
+        if self._template is None:
             raise FieldError("this model has no chat template; use /v1/completions", "messages")
         conv = [_message_dict(m, i) for i, m in enumerate(messages)]
         try:
-            text = self.tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
+            return self._template(conv)
         except Exception as e:  # jinja raises TemplateError for e.g. roles that do not alternate
             raise FieldError(f"the chat template rejected the messages: {e}", "messages") from e
-        return str(text)
 
     def token_text(self, token_id: int) -> str:
         text = self._token_text.get(token_id)
@@ -219,7 +219,8 @@ class TokenizerCache:
         return tok
 
 
-def _message_dict(m: ChatMessage, i: int) -> dict[str, Any]:
+def _message_dict(m: ChatMessage, i: int) -> dict[str, str]:
+    """The plain message a chat template sees: str values only, no None (`ChatTemplate`)."""
     content = m.content
     if isinstance(content, list):
         parts = []
@@ -228,7 +229,7 @@ def _message_dict(m: ChatMessage, i: int) -> dict[str, Any]:
                 raise FieldError("only text content parts are supported", f"messages[{i}].content")
             parts.append(part["text"])
         content = "\n".join(parts)
-    out: dict[str, Any] = {"role": m.role, "content": content if content is not None else ""}
+    out = {"role": m.role, "content": content if content is not None else ""}
     if m.name is not None:
         out["name"] = m.name
     return out
