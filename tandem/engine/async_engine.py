@@ -143,10 +143,15 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._inbox.put(_Abort(request_id))
 
+    @property
+    def takes_announcements(self) -> bool:
+        """The scheduler waits for announced requests (`expect`); off by default."""
+        return self.core.scheduler.regroup.takes_announcements
+
     def expect(self, request_id: str) -> None:
         """A router has picked this engine for `request_id`, which will be submitted soon. Dropped
         here when the scheduler ignores announcements (the default): no engine-thread wake-up."""
-        if self.core.scheduler.regroup.takes_announcements:
+        if self.takes_announcements:
             self._inbox.put(_Expect(request_id, self.core.clock()))
 
     async def run_on_engine(self, fn: Callable[[EngineCore], T]) -> T:

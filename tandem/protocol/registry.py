@@ -67,6 +67,9 @@ class WorkerInfo(msgspec.Struct, frozen=True, omit_defaults=True):
     """How this worker's KV blocks are laid out; None if it takes no part in KV transfer."""
     kv_address: str = ""
     """host:port of the worker's KV block server (disaggregation), "" if none."""
+    takes_announcements: bool = False
+    """The worker's engine waits for requests routers announce (`ExpectCall`, `regroup_expect_steps`
+    > 0); routers send the notice only then, as an engine that ignores it would only pay to read it."""
 
 
 class WorkerStats(msgspec.Struct, frozen=True, tag="stats", array_like=True):

@@ -170,6 +170,7 @@ class Worker:
             engine=self.config.engine,
             kv_layout=self.connector.layout if self.connector else None,
             kv_address=self.connector.address if self.connector else "",
+            takes_announcements=self.engine.takes_announcements,
         )
 
     def load(self) -> WorkerLoad:

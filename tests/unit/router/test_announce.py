@@ -53,6 +53,7 @@ async def test_an_announced_request_is_counted_expected_and_streamed_from_its_wo
     await asyncio.gather(*[_drain(backend, _req(f"warm{i}", n=50)) for i in range(2)])
     backend.announce("simmodel", "a")
     backend.announce("simmodel", "b")
+    assert all(w.takes_announcements for w in d.snapshot())
     assert dict(backend.in_flight) == {"w0": 1, "w1": 1}  # counted at the pick, before generate
     await _until(lambda: _expected(workers[0]) == 1 and _expected(workers[1]) == 1)
     # b was picked for w1; it goes there although both workers now look alike.
@@ -96,3 +97,23 @@ async def test_policies_that_read_the_prompt_do_not_pick_early(model_dir: Path) 
     await backend.close()
     for w in workers:
         await w.stop()
+
+
+async def test_no_notice_goes_to_an_engine_that_ignores_announcements(model_dir: Path) -> None:
+    """The default engine drops announcements, so the router does not send them: the pick is still
+    counted early, but the worker reads no notice."""
+    d = MemoryDiscovery()
+    w = Worker(WorkerConfig(str(model_dir), engine="sim", worker_id="w0"), d)
+    await w.start()
+    assert not d.snapshot()[0].takes_announcements
+    backend = RouterBackend(d, "least-loaded")
+    await _drain(backend, _req("warm"))  # the pooled connection is open
+    sent: list[object] = []
+    notify = backend.pool.notify
+    backend.pool.notify = lambda address, call: sent.append(call) or notify(address, call)  # type: ignore[method-assign]
+    backend.announce("simmodel", "a")
+    assert dict(backend.in_flight) == {"w0": 1} and sent == []
+    assert await _drain(backend, _req("a")) == 4
+    assert not backend.in_flight
+    await backend.close()
+    await w.stop()
