@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
-import uuid
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -101,7 +101,8 @@ class _Frontend:
     async def generate(self, request: Request, chat: bool) -> Response:
         started = time.perf_counter()
         endpoint = "chat" if chat else "completions"
-        response_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        # 128 random bits as 32 hex digits, like `uuid4().hex` at a ninth of the cost (~0.9 us).
+        response_id = ("chatcmpl-" if chat else "cmpl-") + os.urandom(16).hex()
         announced = False
         try:
             body = await request.body()
