@@ -63,6 +63,14 @@ def chat_token_cache_chars() -> int:
     return 16_000_000 if n is None else n
 
 
+def max_request_bytes() -> int:
+    """TANDEM_MAX_REQUEST_BYTES: the largest HTTP request body the frontend reads (default 32 MiB);
+    a larger one is refused with a 413 before it is buffered. 32 MiB holds a 128k-token prompt
+    as text or as a JSON list of token ids several times over."""
+    n = _int_at_least("TANDEM_MAX_REQUEST_BYTES", 1)
+    return 32 * 1024 * 1024 if n is None else n
+
+
 def tokenize_batch_chars() -> int:
     """TANDEM_TOKENIZE_BATCH_CHARS: prompts (or a chat's new text) longer than this many characters,
     sent while other requests are in flight, are tokenized together with the prompts that arrive with

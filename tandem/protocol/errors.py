@@ -17,6 +17,13 @@ class InvalidRequestError(TandemError):
     code = "invalid_request_error"
 
 
+class RequestTooLargeError(InvalidRequestError):
+    """The request body is larger than the frontend reads (`TANDEM_MAX_REQUEST_BYTES`)."""
+
+    http_status = 413
+    code = "request_too_large"
+
+
 class ModelNotFoundError(TandemError):
     http_status = 404
     code = "model_not_found"

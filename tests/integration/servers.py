@@ -43,7 +43,7 @@ class ThreadedServer:
 
 @contextmanager
 def sim_frontend(
-    model_dir: Path, *, speedup: float, config: Any, name: str = "tiny"
+    model_dir: Path, *, speedup: float, config: Any, name: str = "tiny", max_request_bytes: int | None = None
 ) -> Iterator[ThreadedServer]:
     """The OpenAI frontend over an in-process simulated engine (`LocalBackend`) on a free port;
     the server and the engine stop when the block ends."""
@@ -51,7 +51,7 @@ def sim_frontend(
     from tandem.frontend.local import LocalBackend
 
     backend = LocalBackend.build(model_dir, engine="sim", name=name, speedup=speedup, config=config)
-    server = ThreadedServer(create_app(backend))
+    server = ThreadedServer(create_app(backend, max_request_bytes=max_request_bytes))
     try:
         yield server
     finally:

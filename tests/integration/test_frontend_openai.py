@@ -5,6 +5,7 @@ for failures a real engine cannot be made to show on demand."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -204,6 +205,34 @@ def test_prompt_longer_than_context_is_400(sim_server: ThreadedServer) -> None:
         post_json(sim_server, "/v1/completions", {"model": MODEL, "prompt": list(range(3, 303))}), 400
     )
     assert "300" in err["message"] and "256" in err["message"]
+
+
+def test_a_request_body_past_the_limit_is_413_before_it_is_read(tiny_dir: Path) -> None:
+    limit = 4096
+    config = EngineConfig(max_model_len=256)
+    with sim_frontend(tiny_dir, speedup=1000, config=config, name=MODEL, max_request_bytes=limit) as server:
+        big = {**chat_body, "messages": [{"role": "user", "content": "x" * limit}]}
+        resp = post_json(server, "/v1/chat/completions", big)
+        err = expect_error(resp, 413)
+        assert err["code"] == "request_too_large" and str(limit) in err["message"]
+        assert resp.headers["connection"] == "close"  # the unread rest of the upload is not parsed
+
+        # A chunked upload (no Content-Length) is cut off as its pieces pass the limit.
+        def pieces() -> Iterator[bytes]:
+            yield json.dumps(big).encode()[:3000]
+            yield json.dumps(big).encode()[3000:]
+
+        resp = httpx.post(server.url + "/v1/chat/completions", content=pieces())
+        assert "content-length" not in resp.request.headers
+        assert expect_error(resp, 413)["code"] == "request_too_large"
+
+        # Under the limit, in pieces or not, the request is served.
+        small = json.dumps({**chat_body, "max_tokens": 3}).encode()
+        assert post_json(server, "/v1/chat/completions", small).status_code == 200
+        resp = httpx.post(server.url + "/v1/chat/completions", content=iter([small[:10], small[10:]]))
+        assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] == 3
+        metrics = httpx.get(server.url + "/metrics").text
+        assert 'status="413"' in metrics
 
 
 def test_max_tokens_past_context_is_clamped(sim_server: ThreadedServer) -> None:
