@@ -7,8 +7,9 @@
 Why: `apply_chat_template` spends more time around the template than in it. Each call picks the
 template again, walks the messages three times (objects to dicts, dropping None values, rebuilding
 them out of plain JSON types against sandbox escapes), rebuilds `special_tokens_map` from the
-tokenizer's attributes, and checks options this frontend never sets. Here that was ~95 us of a
-~135 us render of a one-message chat, on the event loop of every chat request. The messages the
+tokenizer's attributes, and checks options this frontend never sets. A one-message chat of the
+serving benchmark's took 96 us that way and 28 us here, on the event loop of every chat request
+(docs/benchmarks.md, session 24). The messages the
 frontend builds (`preprocess._message_dict`) are already plain: str values only, no None, no
 reasoning fields, so those walks change nothing. What is left is the one Jinja render, with the
 template transformers compiles (its own sandboxed environment and helpers) and the special tokens
