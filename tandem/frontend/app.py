@@ -141,10 +141,7 @@ class _Frontend:
             if not isinstance(e, TandemError):
                 raise
             self.metrics.count_request(endpoint, e.http_status)
-            response = error_response(e)
-            if isinstance(e, RequestTooLargeError):  # not read: close rather than read the rest
-                response.headers["connection"] = "close"
-            return response
+            return error_response(e)
         release = partial(self._withdraw, response_id) if announced and self._withdraw else None
         return GenerationResponse(
             Generation(

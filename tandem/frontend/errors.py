@@ -2,7 +2,8 @@
 
 User-visible errors are `tandem.protocol.errors.TandemError`s; their `http_status` is the status here.
 `type` follows OpenAI: "invalid_request_error" for 4xx, "server_error" otherwise; `code` is the
-error's own code ("model_not_found", "overloaded", ...). 503s carry a Retry-After header.
+error's own code ("model_not_found", "overloaded", ...). 503s carry a Retry-After header; 413s
+close the connection.
 """
 
 from __future__ import annotations
@@ -47,7 +48,11 @@ def error_bytes(exc: TandemError) -> bytes:
 
 
 def error_response(exc: TandemError) -> Response:
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if exc.http_status == 503 else None
+    headers = None
+    if exc.http_status == 503:
+        headers = {"Retry-After": str(RETRY_AFTER_S)}
+    elif exc.http_status == 413:  # the body was not read: close rather than parse the rest of it
+        headers = {"connection": "close"}
     return Response(
         error_bytes(exc), status_code=exc.http_status, headers=headers, media_type="application/json"
     )

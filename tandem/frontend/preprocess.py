@@ -2,9 +2,9 @@
 
 Contracts:
 - Chat prompts are rendered exactly as transformers does (`apply_chat_template(messages,
-  add_generation_prompt=True)`; `ChatTemplate` calls its compiled template directly when a self-check
-  allows) and tokenized without adding special tokens, as transformers does
-  for `tokenize=True`: the template already wrote them.
+  add_generation_prompt=True)`; `ChatTemplate` calls its compiled template directly when a
+  self-check allows) and tokenized without adding special tokens, as transformers does for
+  `tokenize=True`: the template already wrote them.
 - Completion prompts are tokenized with the tokenizer's own special-token rule (`tokenizer(prompt)`);
   token-id prompts pass through.
 - A prompt that does not fit the context is a 400 naming both lengths. `max_tokens` past the context
