@@ -12,9 +12,8 @@ blocks run (a worker's handler aborts the engine request there, which frees its 
 
 A handler may return a `Pushed` instead of an iterator: its results are pushed, not pulled. The
 server hands it a `ResultSink` as the frame is read, and each result becomes a frame the moment it
-is put there, on the loop's thread, with no task and no queue per stream. A worker's engine thread
-writes a step's outputs for all the requests of one connection itself, in one write (see
-`ResultSink`), so tokens leave without waking the loop.
+is put there, on the loop's thread, with no task and no queue per stream. A worker's engine puts a
+step's outputs for all its requests in one callback, so they leave in one write a loop turn later.
 The stream ends at an output with a finish reason, or at an exception; a Cancel or the connection
 closing calls `Pushed.close(finished=False)`.
 """
@@ -30,7 +29,7 @@ from typing import Any
 from tandem.control.framing import MAX_FRAME_BYTES, FrameError, FrameWriter, read_frame, set_nodelay
 from tandem.protocol.errors import TandemError
 from tandem.protocol.messages import EngineOutput
-from tandem.protocol.rpc import Call, Cancel, End, Fail, Frame, Open, Ping, Pong, Reply, Tokens
+from tandem.protocol.rpc import Call, Cancel, End, Fail, Open, Ping, Pong, Reply, Tokens
 
 log = logging.getLogger(__name__)
 
@@ -118,9 +117,7 @@ class _ServerConnection:
         self.server = server
         self.reader = reader
         self.peer = writer.get_extra_info("peername")
-        self.out = FrameWriter(
-            writer, max_frame_bytes=server.max_frame_bytes, on_error=self._on_write_error, direct=True
-        )
+        self.out = FrameWriter(writer, max_frame_bytes=server.max_frame_bytes, on_error=self._on_write_error)
         self.tasks: dict[int, asyncio.Task[None] | ResultSink] = {}
         """Live streams by sid: a task that pulls an iterator's results, or a pushed stream's sink."""
         self._last_rx = 0.0
@@ -255,37 +252,14 @@ class ResultSink:
     """Where a `Pushed` puts its results: each becomes a frame on the stream at once (an
     `EngineOutput` a `Tokens` frame, any other result a `Reply`). An output with a finish reason
     ends the stream (`End` follows it); so does an exception (`Fail`). After the end, or once the
-    client cancelled, results are dropped.
+    client cancelled, results are dropped."""
 
-    An engine thread can skip the loop (`tandem.engine.async_engine`): it takes `direct_frames`
-    for each output, hands a step's frames for one connection to `direct.send_from_thread` at
-    once, and calls `direct_ended` on the loop once a stream's last output is out."""
-
-    __slots__ = ("_conn", "_pushed", "_sid", "direct")
+    __slots__ = ("_conn", "_pushed", "_sid")
 
     def __init__(self, conn: _ServerConnection, sid: int, pushed: Pushed) -> None:
         self._conn = conn
         self._sid = sid
         self._pushed = pushed
-        self.direct = conn.out
-        """The connection's writer: frames from one step for streams that share it go together."""
-
-    def direct_frames(self, item: EngineOutput) -> list[Frame]:
-        """On any thread: the frames for `item` (with `End` after a finish), or none if the stream
-        is over (cancelled, or the client left)."""
-        sid = self._sid
-        if self._conn.tasks.get(sid) is not self:
-            return []
-        if item.finish_reason is None:
-            return [Tokens(sid, item)]
-        return [Tokens(sid, item), End(sid)]
-
-    def direct_ended(self) -> None:
-        """On the loop, after an output with a finish reason went out by `direct_frames`."""
-        tasks = self._conn.tasks
-        if tasks.get(self._sid) is self:
-            del tasks[self._sid]
-        self._pushed.close(finished=True)
 
     def put_nowait(self, item: Any) -> None:
         conn, sid = self._conn, self._sid

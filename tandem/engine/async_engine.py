@@ -4,9 +4,9 @@ The core is single-threaded; this class is the one place where threads meet it. 
 enter through a queue that the engine thread drains before each step; outputs go back to each
 request's sink with `loop.call_soon_threadsafe`, batched once per event loop per step. A sink is an
 asyncio queue behind an `EngineStream` (`submit`), or, with `push`, any object whose `put_nowait` the
-loop thread calls with each output; a `DirectSink` (a worker's request-plane stream) has its outputs
-written as frames on the engine thread instead, so a step's tokens leave without waking the loop.
-When idle, the engine thread blocks on the inbox, so an idle worker burns no CPU.
+loop thread calls with each output (a worker's request-plane stream writes it out as a frame there,
+with no queue and no task per request). When idle, the engine thread blocks on the inbox, so an idle
+worker burns no CPU.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar, cast
+from typing import Any, Protocol, TypeVar
 
 from tandem.engine.core import EngineCore, EngineStats
 from tandem.engine.request import SamplingParams
@@ -58,28 +58,6 @@ class OutputSink(Protocol):
     the last with a finish reason, or one exception (the engine refused or dropped the request)."""
 
     def put_nowait(self, item: EngineOutput | BaseException) -> None: ...
-
-
-class FrameSender(Protocol):
-    def send_from_thread(self, frames: list[Any]) -> None: ...
-
-
-class DirectSink(Protocol):
-    """A sink whose outputs the engine thread writes out itself (a request-plane stream:
-    `tandem.control.rpc_server.ResultSink`). Errors still go through `put_nowait` on the loop."""
-
-    direct: FrameSender
-    """Where the frames go; the frames of one step for sinks that share it leave together."""
-
-    def put_nowait(self, item: EngineOutput | BaseException) -> None: ...
-
-    def direct_frames(self, item: EngineOutput) -> list[Any]:
-        """Any thread: the encoded-to-be frames for `item`; none once the stream is over."""
-        ...
-
-    def direct_ended(self) -> None:
-        """On the loop, after the output with a finish reason was written."""
-        ...
 
 
 @dataclass
@@ -318,40 +296,17 @@ class EngineStream:
 
 
 def _send(outputs: list[tuple[_Add, EngineOutput]]) -> None:
-    """Each output to its stream's sink. A `DirectSink`'s frames are written here, on the engine
-    thread, one `send_from_thread` per connection per step, and the loop hears only of streams that
-    ended; any other sink gets its outputs through one `call_soon_threadsafe` per loop per step."""
+    """Each output into its stream's sink: one `call_soon_threadsafe` per event loop per step."""
     by_loop: dict[asyncio.AbstractEventLoop, list[tuple[OutputSink, EngineOutput]]] = {}
-    by_writer: dict[FrameSender, list[Any]] = {}
-    ended: dict[asyncio.AbstractEventLoop, list[DirectSink]] = {}
     for stream, out in outputs:
-        sink = stream.sink
-        writer = getattr(sink, "direct", None)
-        if writer is None:
-            by_loop.setdefault(stream.loop, []).append((sink, out))
-            continue
-        sink = cast(DirectSink, sink)
-        frames = sink.direct_frames(out)
-        if frames:
-            by_writer.setdefault(writer, []).extend(frames)
-            if out.finish_reason is not None:
-                ended.setdefault(stream.loop, []).append(sink)
-    for writer, frames in by_writer.items():
-        writer.send_from_thread(frames)
+        by_loop.setdefault(stream.loop, []).append((stream.sink, out))
     for loop, items in by_loop.items():
         loop.call_soon_threadsafe(_put_all, items)
-    for loop, sinks in ended.items():
-        loop.call_soon_threadsafe(_end_all, sinks)
 
 
 def _put_all(items: list[tuple[OutputSink, EngineOutput]]) -> None:
     for sink, out in items:
         sink.put_nowait(out)
-
-
-def _end_all(sinks: list[DirectSink]) -> None:
-    for sink in sinks:
-        sink.direct_ended()
 
 
 def _set_result(future: asyncio.Future[Any], result: Any) -> None:

@@ -4,7 +4,6 @@ put, the stream ended by a finish or an error, the producer told once when its s
 from __future__ import annotations
 
 import asyncio
-import threading
 from typing import Any
 
 import pytest
@@ -154,79 +153,3 @@ async def test_a_client_that_leaves_stops_every_producer(served: Any) -> None:
     await pool.close()
     await _until(lambda: all(p.closed == [False] for p in s.producers.values()))
     assert s.server.num_streams == 0
-
-
-def _from_thread(sink: ResultSink, *outputs: EngineOutput) -> int:
-    """What a worker's engine thread does with a step's outputs (`AsyncEngine`): the frames go
-    out on that thread. Run while the loop is blocked; returns the writes made on the thread."""
-    writer = sink.direct
-    done: list[int] = []
-
-    def run() -> None:
-        before = writer.num_writes
-        for out in outputs:
-            writer.send_from_thread(sink.direct_frames(out))
-        done.append(writer.num_writes - before)
-
-    t = threading.Thread(target=run)
-    t.start()
-    t.join()  # the loop stays blocked: nothing can be written by the loop meanwhile
-    return done[0]
-
-
-async def test_a_thread_writes_outputs_itself_and_the_loop_only_ends_the_stream(served: Any) -> None:
-    s, pool = served
-    stream = await pool.open(s.server.address, _call("e"))
-    await _until(lambda: "e" in s.producers and s.producers["e"].sink is not None)
-    await asyncio.sleep(0.05)  # the writer is idle
-    sink = s.producers["e"].sink
-    assert _from_thread(sink, EngineOutput("e", [1]), EngineOutput("e", [2], finish_reason="length")) == 2
-    asyncio.get_running_loop().call_soon(sink.direct_ended)  # what the engine asks of the loop
-    got = [item.new_token_ids async for item in stream]
-    assert got == [[1], [2]]
-    await _until(lambda: s.producers["e"].closed == [True] and s.server.num_streams == 0)
-
-
-async def test_frames_queued_on_the_loop_are_not_overtaken_by_a_threads_write(served: Any) -> None:
-    s, pool = served
-    stream = await pool.open(s.server.address, _call("f"))
-    await _until(lambda: "f" in s.producers and s.producers["f"].sink is not None)
-    await asyncio.sleep(0.05)
-    sink = s.producers["f"].sink
-    s.put("f", WorkerStats("w", "ready", WorkerLoad()))  # queued: the writer task has not run yet
-    assert _from_thread(sink, EngineOutput("f", [7], finish_reason="stop")) == 0  # so it queues too
-    asyncio.get_running_loop().call_soon(sink.direct_ended)
-    got = [item async for item in stream]
-    assert [type(g).__name__ for g in got] == ["WorkerStats", "EngineOutput"]
-    assert got[1].new_token_ids == [7]
-
-
-async def test_what_the_socket_does_not_take_from_a_thread_is_written_first_by_the_loop(
-    served: Any,
-) -> None:
-    # A frame larger than the socket's send buffer: the thread writes what fits, the loop writes
-    # the rest before anything else, and the client gets every frame whole and in order.
-    s, pool = served
-    stream = await pool.open(s.server.address, _call("g"))
-    await _until(lambda: "g" in s.producers and s.producers["g"].sink is not None)
-    await asyncio.sleep(0.05)
-    sink = s.producers["g"].sink
-    big = list(range(70_000, 70_000 + 3_000_000))  # ~15 MB of msgpack
-    assert _from_thread(sink, EngineOutput("g", big)) == 1
-    s.put("g", WorkerStats("w", "ready", WorkerLoad()))  # from the loop, after the thread's frame
-    assert _from_thread(sink, EngineOutput("g", [1], finish_reason="length")) == 0  # queued behind
-    asyncio.get_running_loop().call_soon(sink.direct_ended)
-    got = [item async for item in stream]
-    assert [type(g).__name__ for g in got] == ["EngineOutput", "WorkerStats", "EngineOutput"]
-    assert got[0].new_token_ids == big and got[2].new_token_ids == [1]
-
-
-async def test_a_thread_drops_outputs_for_a_cancelled_stream(served: Any) -> None:
-    s, pool = served
-    stream = await pool.open(s.server.address, _call("h"))
-    await _until(lambda: "h" in s.producers and s.producers["h"].sink is not None)
-    sink = s.producers["h"].sink
-    await stream.aclose()
-    await _until(lambda: s.producers["h"].closed == [False])
-    assert sink.direct_frames(EngineOutput("h", [1])) == []
-    assert _from_thread(sink, EngineOutput("h", [1], finish_reason="stop")) == 0
