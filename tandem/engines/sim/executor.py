@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from tandem.engine.config import EngineConfig
-from tandem.engine.executor import ExecutorOutput, SchedulerOutput
+from tandem.engine.executor import ExecutorOutput, ScheduledRequest, SchedulerOutput
 from tandem.engines.sim.clock import Clock, RealClock
 from tandem.engines.sim.timing import PolynomialTiming, StepShape, TimingModel
 
@@ -50,6 +50,8 @@ class SimExecutor:
         self._real_clock = isinstance(self.clock, RealClock)
         self._device_end: float | None = None
         self._last_seconds = 0.0
+        self._last_scheduled: list[ScheduledRequest] = []
+        """The previous step's batch (real clock): does this step carry it on?"""
         self.speedup = speedup
 
     def execute(self, out: SchedulerOutput) -> ExecutorOutput:
@@ -88,21 +90,34 @@ class SimExecutor:
         seconds = self.timing.step_ms(shape) / 1000.0 / self.speedup
         if self._real_clock:
             # The simulated device runs a step while the host prepares the next (async scheduling,
-            # as in vLLM v1 and SGLang's overlap scheduler): a step launched within one step's time
-            # of the previous one's end starts at that end, so host work between steps (update,
-            # delivery, scheduling) hides under device time; after an idle gap it starts now. It
-            # never starts before its newest request arrived: a request that came in after the
-            # device went idle (or while the host prepared this step) had no step ready for it.
+            # as in vLLM v1 and SGLang's overlap scheduler): the host keeps one step queued, so
+            # host work between steps (update, delivery, scheduling) hides under device time.
+            # - A step launched within one step's time of the previous one's end starts at that end.
+            # - A later one that carries on the previous step's batch (the host stalled: a late
+            #   wake-up, a paused process) had been queued before the stall: the device ran it
+            #   while the host was away, so the host loses its stall less one step, not all of it
+            #   (Dynamo's mocker recovers one step after a host stall too; docs/benchmarks.md,
+            #   session 26).
+            # - After an idle gap a step starts now. No step starts before its newest request
+            #   arrived: a request that came in after the device went idle (or while the host
+            #   prepared this step) had no step ready for it.
             begin = started
-            if self._device_end is not None and started - self._device_end < self._last_seconds:
+            device_end, last = self._device_end, self._last_seconds
+            if device_end is not None and (started - device_end < last or self._carries_on(out.scheduled)):
                 newest = max((item.request.arrival_time for item in out.scheduled), default=started)
-                begin = min(started, max(self._device_end, newest))
+                begin = min(started, max(device_end, started - last, newest))
             end = begin + seconds
             self.clock.wait(end - self.clock.now())
             self._device_end, self._last_seconds = end, seconds
+            self._last_scheduled = out.scheduled
         else:
             self.clock.wait(seconds)
         return ExecutorOutput(sampled=sampled, step_seconds=seconds)
+
+    def _carries_on(self, scheduled: list[ScheduledRequest]) -> bool:
+        """Whether a request of the previous step is in this one (only asked after a host stall)."""
+        previous = {item.request.request_id for item in self._last_scheduled}
+        return any(item.request.request_id in previous for item in scheduled)
 
     def _token(self, position: int, salt: int) -> int:
         # A cheap deterministic mix; skip EOS ids so only max_tokens ends a simulated request.

@@ -176,3 +176,32 @@ def test_real_clock_never_starts_a_step_before_its_request_arrived() -> None:
     add(core, 20, 1, first=500)
     core.step()
     assert time.monotonic() - arrived >= 0.06
+
+
+def test_real_clock_loses_a_host_stall_less_the_queued_step() -> None:
+    """A host stall longer than a step (a late wake-up, a paused process): the step queued before it
+    ran meanwhile, so its output is ready when the host returns and the stall costs one step less."""
+    core = _real_core(60.0)
+    add(core, 20, 6)
+    core.step()  # prefill
+    core.step()  # decode
+    stalled = time.monotonic()
+    time.sleep(0.15)  # the host is away for two and a half steps
+    core.step()  # queued before the stall: done by the time the host returns
+    core.step()  # launched on return
+    elapsed = time.monotonic() - stalled
+    # 150 ms + one step = 210 ms; losing the whole stall would take 150 + 2 x 60 = 270 ms.
+    assert 0.2 <= elapsed < 0.255
+
+
+def test_real_clock_starts_a_new_batch_after_an_idle_gap_now() -> None:
+    """No catch-up after the device went idle: a request that comes in after a gap longer than a
+    step gets its step launched when the host takes it, not back-dated."""
+    core = _real_core(60.0)
+    add(core, 20, 1)
+    core.step()
+    time.sleep(0.1)
+    add(core, 20, 1, first=500)
+    taken = time.monotonic()
+    core.step()
+    assert time.monotonic() - taken >= 0.06
