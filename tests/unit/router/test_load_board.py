@@ -67,6 +67,23 @@ def test_a_freed_column_is_reused_last() -> None:
     one.close()
 
 
+def test_a_registry_change_with_the_same_workers_changes_nothing() -> None:
+    """Every worker's load report is a registry change: with the same workers (in any order) the
+    board keeps its generation, so no router rewrites its row, and every column stays put."""
+    owner, [one] = _board(rows=2, columns=4)
+    owner.assign(["a", "b"])
+    one.write("a", (2, 0, 0), lambda: {"a": (2, 0, 0)})
+    generation = owner._words[0]
+    for _ in range(3):
+        owner.assign(["b", "a"])
+    assert owner._words[0] == generation
+    assert requests(owner, ["a", "b"]) == [2, 0]
+    owner.assign(["a", "b", "c"])
+    assert owner._words[0] == generation + 1
+    owner.close()
+    one.close()
+
+
 def test_more_workers_than_columns_route_on_local_counts() -> None:
     owner, [one] = _board(rows=2, columns=2)
     owner.assign(["a", "b", "c"])
