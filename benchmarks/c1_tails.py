@@ -35,9 +35,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 try:  # run as a script (benchmarks/ is on sys.path), or imported as benchmarks.* (the tests)
-    from serving_vs_dynamo import Deployment, add_install_args, alternating_rounds
+    from serving_vs_dynamo import Deployment, add_deployment_args, add_install_args, alternating_rounds
 except ImportError:
-    from benchmarks.serving_vs_dynamo import Deployment, add_install_args, alternating_rounds
+    from benchmarks.serving_vs_dynamo import (
+        Deployment,
+        add_deployment_args,
+        add_install_args,
+        alternating_rounds,
+    )
 
 CAUGHT_UP_MS = 2.0
 """A late token whose stream lost more than this over it and the next three gaps was engine-like."""
@@ -164,9 +169,7 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--late-ms", type=float, default=3.0, help="a token this much over one step is late")
-    ap.add_argument("--port", type=int, default=8765)
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--dynamo-router", default="least-loaded")
+    add_deployment_args(ap, dynamo_router="least-loaded")
     args = ap.parse_args()
     out_dir = Path(tempfile.mkdtemp(prefix="c1-tails-"))
     print(f"logs in {out_dir}", flush=True)

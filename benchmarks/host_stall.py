@@ -29,9 +29,9 @@ from pathlib import Path
 from openai import OpenAI
 
 try:  # run as a script (benchmarks/ is on sys.path), or imported as benchmarks.*
-    from serving_vs_dynamo import Deployment, add_install_args, running
+    from serving_vs_dynamo import Deployment, add_deployment_args, add_install_args, running
 except ImportError:
-    from benchmarks.serving_vs_dynamo import Deployment, add_install_args, running
+    from benchmarks.serving_vs_dynamo import Deployment, add_deployment_args, add_install_args, running
 
 PAUSE_AFTER = 15
 """Tokens into a stream when the engine processes are paused."""
@@ -100,9 +100,7 @@ def main() -> int:
     ap.add_argument("--systems", default="tandem-ll,dynamo-nodelay@least-loaded")
     ap.add_argument("--stall-ms", type=float, default=20.0)
     ap.add_argument("--streams", type=int, default=12, help="streams with a stall (as many without)")
-    ap.add_argument("--port", type=int, default=8765)
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--dynamo-router", default="least-loaded")
+    add_deployment_args(ap, dynamo_router="least-loaded")
     args = ap.parse_args()
     out_dir = Path(tempfile.mkdtemp(prefix="host-stall-"))
     print(f"logs in {out_dir}; a {args.stall_ms:g} ms pause of the engine processes per stream", flush=True)

@@ -261,18 +261,23 @@ def add_install_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--dynamo", default=str(Path.home() / ".cache/tandem/dynamo"), help="venv/ + nodelay.so")
 
 
+def add_deployment_args(ap: argparse.ArgumentParser, dynamo_router: str = "round-robin") -> None:
+    """--port, --workers and --dynamo-router: where each system serves, and how."""
+    ap.add_argument("--port", type=int, default=8765)
+    ap.add_argument("--workers", type=int, default=2, help="workers per system (the issue's workload: 2)")
+    ap.add_argument("--dynamo-router", default=dynamo_router)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_install_args(ap)
-    ap.add_argument("--dynamo-router", default="round-robin")
+    add_deployment_args(ap)
     ap.add_argument(
         "--client-python", default=None, help="python with aiohttp+tokenizers (default: Dynamo's)"
     )
     ap.add_argument("--systems", default="tandem-rr,tandem-ll,dynamo,dynamo-nodelay")
     ap.add_argument("--speedups", default="1,10000")
     ap.add_argument("--concurrency", default="1,16,64")
-    ap.add_argument("--port", type=int, default=8765)
-    ap.add_argument("--workers", type=int, default=2, help="workers per system (the issue's workload: 2)")
     ap.add_argument("--tandem-bench", action="store_true", help="also run `tandem bench` on each point")
     ap.add_argument(
         "--rounds",
