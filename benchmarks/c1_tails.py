@@ -34,6 +34,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tandem.bench.report import percentile
+
 try:  # run as a script (benchmarks/ is on sys.path), or imported as benchmarks.* (the tests)
     from serving_vs_dynamo import Deployment, add_deployment_args, add_install_args, alternating_rounds
 except ImportError:
@@ -98,15 +100,6 @@ def tails(streams: list[list[float]], late_ms: float) -> Tails:
     return out
 
 
-def percentile(xs: list[float], p: float) -> float:
-    """Linear interpolation between closest ranks (as the referee client computes it)."""
-    s = sorted(xs)
-    k = (len(s) - 1) * p / 100
-    f = int(k)
-    c = min(f + 1, len(s) - 1)
-    return s[f] + (s[c] - s[f]) * (k - f)
-
-
 def request_bytes(seq: int) -> bytes:
     rng = random.Random(seq)
     text = f"{seq} " + " ".join(rng.choice(WORDS) for _ in range(90))
@@ -124,9 +117,9 @@ def stream_times(sock: socket.socket, seq: int) -> list[float]:
 
     Events split across reads count when their marker is complete: the count of content markers in
     everything read so far, compared before and after each read."""
-    data = request_bytes(seq)
+    request = request_bytes(seq)
     times = [time.perf_counter()]
-    sock.sendall(data)
+    sock.sendall(request)
     buf = b""
     while not (b"[DONE]" in buf and buf.endswith(b"0\r\n\r\n")):  # the chunked body's end
         data = sock.recv(1 << 16)
@@ -152,10 +145,11 @@ def measure(dep: Deployment, requests: int, warmup: int, seq0: int) -> list[list
 
 def row(system: str, t: Tails, n: int) -> str:
     per_k = 1000 / n
+    ttft, itl = t.ttft_ms, t.itl_ms  # never empty: every measured stream has tokens
     eng = f"{len(t.engine) * per_k:5.1f} ({statistics.mean(t.engine) if t.engine else 0:4.1f} ms)"
     return (
-        f"{system:32s} {percentile(t.ttft_ms, 50):6.2f} {percentile(t.ttft_ms, 99):6.2f} {t.step_ms:6.3f} "
-        f"{percentile(t.itl_ms, 50):7.3f} {percentile(t.itl_ms, 99):7.3f} "
+        f"{system:32s} {percentile(ttft, 50):6.2f} {percentile(ttft, 99):6.2f} {t.step_ms:6.3f} "
+        f"{percentile(itl, 50):7.3f} {percentile(itl, 99):7.3f} "
         f"{sum(e > 3 for e in t.excess_ms) * per_k:6.1f} {eng:>14s} {len(t.delivery) * per_k:9.1f} "
         f"{len(t.last) * per_k:6.1f} {t.last_gap_ms:+8.3f}"
     )
