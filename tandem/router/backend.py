@@ -366,9 +366,7 @@ class RouterBackend:
         # One comprehension with locals: this runs per request over every candidate (1,000 workers).
         in_flight = self.in_flight
         others: Iterable[int] = (
-            repeat(0)
-            if self.board is None
-            else self.board.others([w.worker_id for w in candidates])[:, 0].tolist()
+            repeat(0) if self.board is None else self.board.others_requests([w.worker_id for w in candidates])
         )
         return [
             WorkerLoad(

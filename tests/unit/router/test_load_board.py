@@ -13,8 +13,11 @@ from tandem.router.load_board import SHM_DIR, LoadBoard
 
 
 def requests(board: LoadBoard, workers: list[str]) -> list[int]:
-    """The other routers' in-flight requests on each worker."""
-    return board.others(workers)[:, 0].tolist()
+    """The other routers' in-flight requests on each worker, as the router reads them; the same
+    as the first column of `others`, which the KV router reads."""
+    counts = board.others_requests(workers)
+    assert counts == board.others(workers)[:, 0].tolist()
+    return counts
 
 
 def _board(rows: int = 3, columns: int = 8) -> tuple[LoadBoard, list[LoadBoard]]:
@@ -148,3 +151,22 @@ def test_kv_blocks_and_queued_prefill_tokens_travel_with_the_requests() -> None:
     assert one.others(["w0", "w1"]).tolist() == [[0, 0, 0], [0, 0, 0]]
     owner.close()
     one.close()
+
+
+@pytest.mark.parametrize("workers", [5, 31, 40])
+def test_request_counts_of_many_workers_add_up_over_every_other_row(workers: int) -> None:
+    # Up to 32 workers the counts are summed in Python, past that with numpy: both must agree.
+    owner, routers = _board(rows=4, columns=64)
+    ids = [f"w{i}" for i in range(workers)]
+    owner.assign(ids)
+    for r, router in enumerate(routers, start=1):
+        loads = {w: (r * (i + 1), i, 0) for i, w in enumerate(ids)}
+        for w in ids:
+            router.write(w, loads[w], lambda loads=loads: loads)
+    owner.write(ids[0], (100, 0, 0), lambda: {ids[0]: (100, 0, 0)})
+    expected = [(1 + 2 + 3) * (i + 1) for i in range(workers)]
+    assert requests(owner, [*ids, "gone"]) == [*expected, 0]
+    # Router 1 sees rows 0, 2 and 3: the owner's 100 on w0, not its own counts.
+    assert requests(routers[0], ids[:2]) == [100 + 5 * 1, 5 * 2]
+    for b in (owner, *routers):
+        b.close()
