@@ -189,7 +189,7 @@ class LoadBoard:
             return
         c = self._column(worker_id)
         if c is not None:
-            # Word by word: a numpy item assignment costs ~15 us on a cold cache, this ~1 us.
+            # Word by word: a numpy item assignment took ~15 us on a cold cache, this ~6 us.
             words, at = self._words, self._base + (self.row * self.columns + c) * len(FIELDS)
             words[at], words[at + 1], words[at + 2] = load
 
@@ -197,7 +197,7 @@ class LoadBoard:
         """For each worker, the requests the other routers have on it (`others(...)[:, 0]`).
 
         Why not `others` for a few workers: the router calls this on every request, and between the
-        requests of a light load numpy's caches go cold. Its four calls then took ~140 us where the
+        requests of a light load numpy's caches go cold. Its four calls then took ~150 us where the
         same sums in Python over the shared words took ~20 us for two workers (57 us for 32). Past
         `_PYTHON_SUMS` workers numpy's vector sums win again."""
         if len(worker_ids) > _PYTHON_SUMS:
