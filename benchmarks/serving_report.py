@@ -1,11 +1,14 @@
 """The tables of benchmarks/serving_vs_dynamo.py: each point's summary line, the side-by-side table
 with Tandem's ratios over each Dynamo row, and (speed-up 1, several rounds) the round-by-round
-differences. A row named `NAME#TAG` is compared with the untagged Dynamo rows like a Tandem row."""
+differences, and (`--pool`) the percentiles of every round's requests taken together. A row named
+`NAME#TAG` is compared with the untagged Dynamo rows like a Tandem row."""
 
 from __future__ import annotations
 
 import statistics
 from typing import Any
+
+from tandem.bench.report import percentile
 
 
 def median_result(runs: list[Any]) -> Any:
@@ -135,3 +138,31 @@ def paired(runs: dict[str, list[Any]], systems: list[str], cs: list[int]) -> str
     if not lines:
         return ""
     return "\n## speed-up 1, round by round (Tandem - Dynamo, ms)\n" + "\n".join(lines)
+
+
+POOLED = (("ttft_ms", "p50"), ("ttft_ms", "p90"), ("ttft_ms", "p99"), ("itl_ms", "p50"), ("itl_ms", "p99"))
+
+
+def pooled(raws: dict[str, list[Any]], systems: list[str], speedups: list[float], cs: list[int]) -> str:
+    """Each pair's percentiles over all its rounds' requests at once: `raws[point_key]` holds one
+    {"ttft_ms": [...], "itl_ms": [...]} per round. A round's p99 of a few hundred requests is its few
+    slowest; pooled, the p99 rests on every round's tail (rounds alternate the order of the systems,
+    so a machine that drifts weighs on each side alike). Tandem's value, Dynamo's, and the difference."""
+    lines = []
+    for sp in speedups:
+        for ts, ds in tandem_dynamo_pairs(systems):
+            for c in cs:
+                a, b = raws.get(point_key(ts, sp, c)), raws.get(point_key(ds, sp, c))
+                if not a or not b:
+                    continue
+                parts = []
+                for key, p in POOLED:
+                    va = percentile([x for r in a for x in r[key]], float(p[1:]))
+                    vb = percentile([x for r in b for x in r[key]], float(p[1:]))
+                    if va is not None and vb is not None:
+                        parts.append(f"{field_label(key, p)} {va:.2f} vs {vb:.2f} ({va - vb:+.2f})")
+                na, nb = sum(len(r["ttft_ms"]) for r in a), sum(len(r["ttft_ms"]) for r in b)
+                lines.append(f"  x{sp:g} c={c} {ts} ({na}) - {ds} ({nb}): " + "; ".join(parts))
+    if not lines:
+        return ""
+    return "\n## every round's requests pooled (row vs Dynamo, ms; requests in brackets)\n" + "\n".join(lines)

@@ -21,7 +21,9 @@ what one system measures against itself on this machine (an A/A noise floor).
 Each point runs the referee client (../shared/bench/referee_loadgen.py, with the CPU of every server
 process) after `wait_quiet.py`; `--tandem-bench` also runs `tandem bench` on the same point. Dynamo
 needs a venv as in ../shared/bench/dynamo-cpu.md (`--dynamo DIR` holds venv/ and nodelay.so).
-Prints one side-by-side table; `--out` keeps every raw result.
+Prints one side-by-side table; `--out` keeps every raw result. `--pool` also keeps every request's
+TTFT and ITL (benchmarks/referee_raw.py: the same referee) and compares the percentiles of all rounds'
+requests taken together, a p99 over several thousand requests rather than the median of per-round p99s.
 """
 
 from __future__ import annotations
@@ -41,9 +43,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 try:  # run as a script (benchmarks/ is on sys.path), or imported as benchmarks.* (the tests)
-    from serving_report import median_result, paired, point_key, summary, table
+    from serving_report import median_result, paired, point_key, pooled, summary, table
 except ImportError:
-    from benchmarks.serving_report import median_result, paired, point_key, summary, table
+    from benchmarks.serving_report import median_result, paired, point_key, pooled, summary, table
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "bench"
@@ -237,11 +239,17 @@ def run_point(args: argparse.Namespace, dep: Deployment, speedup: float, c: int,
     subprocess.run([sys.executable, str(SHARED / "wait_quiet.py"), "15", "20"], check=False)
     pids = ",".join(f"{k}={v}" for k, v in dep.pids().items())
     out = out_dir / f"{dep.name}-{speedup:g}-c{c}.json"
-    cmd = [args.client_python, str(SHARED / "referee_loadgen.py"), "--url", dep.url, "--model", "tiny"]
+    cmd = [args.client_python, str(SHARED / "referee_loadgen.py")]
+    raw = out.with_suffix(".raw.json")
+    if args.pool:  # the same referee, also writing each request's TTFT and ITL
+        cmd = [args.client_python, str(REPO / "benchmarks/referee_raw.py"), str(raw)]
+    cmd += ["--url", dep.url, "--model", "tiny"]
     cmd += ["--tokenizer", args.model, "--concurrency", str(c), "--requests", str(n), "--warmup", str(warm)]
     cmd += ["--isl", "100", "--osl", "50", "--pids", pids, "--out", str(out)]
     subprocess.run(cmd, check=True, timeout=900, stdout=subprocess.DEVNULL)
     res = json.loads(out.read_text())
+    if args.pool:
+        res["raw"] = json.loads(raw.read_text())
     if args.tandem_bench:
         tb = out_dir / f"{dep.name}-{speedup:g}-c{c}-tandem-bench.json"
         cmd = [str(REPO / ".venv/bin/tandem"), "bench", "--url", dep.url, "--model", "tiny", "--chat"]
@@ -287,6 +295,12 @@ def main() -> int:
         "and (speed-up 1) each Tandem row minus the Dynamo row of the same round",
     )
     ap.add_argument("--count-scale", type=float, default=1.0, help="multiply the requests per point")
+    ap.add_argument(
+        "--pool",
+        action="store_true",
+        help="keep every request's TTFT and ITL (benchmarks/referee_raw.py) and also compare the "
+        "percentiles of all rounds' requests pooled",
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     args.client_python = args.client_python or str(Path(args.dynamo) / "venv/bin/python")
@@ -300,22 +314,28 @@ def main() -> int:
     out_dir = Path(tempfile.mkdtemp(prefix="serving-vs-dynamo-"))
     print(f"raw results and logs in {out_dir}", flush=True)
     runs: dict[str, list[Any]] = {}
+    raws: dict[str, list[Any]] = {}
     for sp in speedups:
         for rnd in range(args.rounds):
             order = systems if rnd % 2 == 0 else systems[::-1]  # neither side always runs first
             for s in order:
                 with running(args, sp, s, out_dir) as dep:
                     for c in cs:
-                        runs.setdefault(point_key(s, sp, c), []).append(run_point(args, dep, sp, c, out_dir))
+                        res = run_point(args, dep, sp, c, out_dir)
+                        if "raw" in res:
+                            raws.setdefault(point_key(s, sp, c), []).append(res.pop("raw"))
+                        runs.setdefault(point_key(s, sp, c), []).append(res)
     results = {k: median_result(v) for k, v in runs.items()}
     if args.rounds > 1:
         print(f"\nmedians over {args.rounds} rounds per point")
     print(table(results, systems, speedups, cs))
     if args.rounds > 1 and 1.0 in speedups:
         print(paired(runs, systems, cs))
+    if raws:
+        print(pooled(raws, systems, speedups, cs))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"median": results, "runs": runs}, indent=1))
+        Path(args.out).write_text(json.dumps({"median": results, "runs": runs, "raw": raws}, indent=1))
     return 0
 
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from benchmarks.serving_report import paired, tandem_dynamo_pairs
+from benchmarks.referee_raw import raw_series
+from benchmarks.serving_report import paired, pooled, tandem_dynamo_pairs
 
 
 def _round(ttft_p50: float, ttft_p99: float = 60.0) -> dict[str, Any]:
@@ -53,3 +54,35 @@ def test_a_tagged_dynamo_row_is_compared_with_its_untagged_twin() -> None:
     }
     lines = paired(runs, systems, [16]).splitlines()
     assert "c=16 dynamo-nodelay#aa - dynamo-nodelay: TTFT p50 +0.50 (0/1 at or under" in lines[-1]
+
+
+def test_pooled_percentiles_take_every_rounds_requests_together() -> None:
+    # Two rounds of 100 requests each. Tandem's slow tail (20 requests at 90 ms) sits in round 1;
+    # per round its p99 would be 90 then 50, pooled it is 90: 20 of 200 requests are that slow.
+    tandem = [
+        {"ttft_ms": [40.0] * 80 + [90.0] * 20, "itl_ms": [6.0] * 100},
+        {"ttft_ms": [50.0] * 100, "itl_ms": [6.0] * 100},
+    ]
+    dynamo = [
+        {"ttft_ms": [45.0] * 100, "itl_ms": [6.5] * 100},
+        {"ttft_ms": [45.0] * 99 + [70.0], "itl_ms": [6.5] * 100},
+    ]
+    raws = {"tandem-ll|1|16": tandem, "dynamo-nodelay|1|16": dynamo}
+    out = pooled(raws, ["tandem-ll", "dynamo-nodelay"], [1.0], [16])
+    line = out.splitlines()[-1]
+    assert line.startswith("  x1 c=16 tandem-ll (200) - dynamo-nodelay (200): ")
+    assert "TTFT p50 50.00 vs 45.00 (+5.00)" in line
+    assert "TTFT p99 90.00 vs 45.00 (+45.00)" in line
+    assert "ITL p99 6.00 vs 6.50 (-0.50)" in line
+
+
+def test_referee_raw_series_match_the_referees_definitions() -> None:
+    # TTFT to the first content chunk; ITL (last - first) / (n - 1); failed requests left out.
+    records = [
+        {"t0": 1.0, "times": [1.020, 1.026, 1.032], "err": None},
+        {"t0": 2.0, "times": [2.030], "err": None},
+        {"t0": 3.0, "times": [], "err": "HTTP 503"},
+    ]
+    raw = raw_series(records)
+    assert [round(x, 6) for x in raw["ttft_ms"]] == [20.0, 30.0]
+    assert [round(x, 6) for x in raw["itl_ms"]] == [6.0]
