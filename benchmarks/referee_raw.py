@@ -37,7 +37,7 @@ def main() -> int:
         raise SystemExit(__doc__)
     raw_out, referee_args = sys.argv[1], sys.argv[2:]
     ns: dict[str, Any] = {"__name__": "__main__", "__file__": str(REFEREE)}
-    phases: list[list[dict[str, Any]]] = []  # the list each phase collects into: warm-up, then measured
+    measured: list[list[dict[str, Any]]] = [[]]  # the list the latest phase (warm-up, then measured) fills
     real_run: Callable[..., Any] = asyncio.run
 
     def run_recording(coro: Coroutine[Any, Any, Any], **kw: Any) -> Any:
@@ -45,8 +45,7 @@ def main() -> int:
 
         async def kept(session: Any, url: str, model: str, prompt: str, osl: int, rec: list) -> None:
             await one(session, url, model, prompt, osl, rec)
-            if not phases or phases[-1] is not rec:
-                phases.append(rec)
+            measured[0] = rec
 
         ns["one"] = kept
         return real_run(coro, **kw)
@@ -57,7 +56,7 @@ def main() -> int:
         exec(compile(REFEREE.read_text(), str(REFEREE), "exec"), ns)
     finally:
         asyncio.run = real_run
-    Path(raw_out).write_text(json.dumps(raw_series(phases[-1] if phases else [])))
+    Path(raw_out).write_text(json.dumps(raw_series(measured[0])))
     return 0
 
 

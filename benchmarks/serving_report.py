@@ -155,13 +155,16 @@ def pooled(raws: dict[str, list[Any]], systems: list[str], speedups: list[float]
                 a, b = raws.get(point_key(ts, sp, c)), raws.get(point_key(ds, sp, c))
                 if not a or not b:
                     continue
+                every = {
+                    k: ([x for r in a for x in r[k]], [x for r in b for x in r[k]])
+                    for k in ("ttft_ms", "itl_ms")
+                }
                 parts = []
                 for key, p in POOLED:
-                    va = percentile([x for r in a for x in r[key]], float(p[1:]))
-                    vb = percentile([x for r in b for x in r[key]], float(p[1:]))
+                    va, vb = (percentile(xs, float(p[1:])) for xs in every[key])
                     if va is not None and vb is not None:
                         parts.append(f"{field_label(key, p)} {va:.2f} vs {vb:.2f} ({va - vb:+.2f})")
-                na, nb = sum(len(r["ttft_ms"]) for r in a), sum(len(r["ttft_ms"]) for r in b)
+                na, nb = (len(xs) for xs in every["ttft_ms"])
                 lines.append(f"  x{sp:g} c={c} {ts} ({na}) - {ds} ({nb}): " + "; ".join(parts))
     if not lines:
         return ""

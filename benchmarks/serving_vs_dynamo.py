@@ -239,11 +239,14 @@ def run_point(args: argparse.Namespace, dep: Deployment, speedup: float, c: int,
     subprocess.run([sys.executable, str(SHARED / "wait_quiet.py"), "15", "20"], check=False)
     pids = ",".join(f"{k}={v}" for k, v in dep.pids().items())
     out = out_dir / f"{dep.name}-{speedup:g}-c{c}.json"
-    cmd = [args.client_python, str(SHARED / "referee_loadgen.py")]
     raw = out.with_suffix(".raw.json")
-    if args.pool:  # the same referee, also writing each request's TTFT and ITL
-        cmd = [args.client_python, str(REPO / "benchmarks/referee_raw.py"), str(raw)]
-    cmd += ["--url", dep.url, "--model", "tiny"]
+    # --pool: the same referee, also writing each request's TTFT and ITL
+    client = (
+        [str(REPO / "benchmarks/referee_raw.py"), str(raw)]
+        if args.pool
+        else [str(SHARED / "referee_loadgen.py")]
+    )
+    cmd = [args.client_python, *client, "--url", dep.url, "--model", "tiny"]
     cmd += ["--tokenizer", args.model, "--concurrency", str(c), "--requests", str(n), "--warmup", str(warm)]
     cmd += ["--isl", "100", "--osl", "50", "--pids", pids, "--out", str(out)]
     subprocess.run(cmd, check=True, timeout=900, stdout=subprocess.DEVNULL)
