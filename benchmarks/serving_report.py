@@ -8,6 +8,8 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
+import numpy as np
+
 from tandem.bench.report import percentile
 
 
@@ -143,11 +145,39 @@ def paired(runs: dict[str, list[Any]], systems: list[str], cs: list[int]) -> str
 POOLED = (("ttft_ms", "p50"), ("ttft_ms", "p90"), ("ttft_ms", "p99"), ("itl_ms", "p50"), ("itl_ms", "p99"))
 
 
+BOOTSTRAP_SAMPLES = 1000
+
+
+def round_interval(
+    a: list[list[float]], b: list[list[float]], q: float, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0
+) -> tuple[float, float]:
+    """The 5th..95th percentile of the pooled q-th percentile difference (a - b) when whole rounds
+    are drawn again with replacement: rounds, not requests, are the independent draws (each round
+    starts fresh deployments, and a deployment keeps the batching regime it falls into for the
+    whole round). Rounds are drawn in pairs (round i of a with round i of b, which ran side by side)
+    when both have as many; otherwise each side on its own."""
+    rng = np.random.default_rng(seed)
+    ra = [np.asarray(r, dtype=float) for r in a]
+    rb = [np.asarray(r, dtype=float) for r in b]
+    paired = len(ra) == len(rb)
+    diffs = np.empty(samples)
+    for i in range(samples):
+        ia = rng.integers(0, len(ra), len(ra))
+        ib = ia if paired else rng.integers(0, len(rb), len(rb))
+        pa = np.percentile(np.concatenate([ra[j] for j in ia]), q)
+        pb = np.percentile(np.concatenate([rb[j] for j in ib]), q)
+        diffs[i] = pa - pb
+    lo, hi = np.percentile(diffs, [5.0, 95.0])
+    return float(lo), float(hi)
+
+
 def pooled(raws: dict[str, list[Any]], systems: list[str], speedups: list[float], cs: list[int]) -> str:
     """Each pair's percentiles over all its rounds' requests at once: `raws[point_key]` holds one
     {"ttft_ms": [...], "itl_ms": [...]} per round. A round's p99 of a few hundred requests is its few
     slowest; pooled, the p99 rests on every round's tail (rounds alternate the order of the systems,
-    so a machine that drifts weighs on each side alike). Tandem's value, Dynamo's, and the difference."""
+    so a machine that drifts weighs on each side alike). Tandem's value, Dynamo's, the difference,
+    and with several rounds the difference's 90% interval when rounds are drawn again
+    (`round_interval`): an interval that straddles 0 is no verdict either way."""
     lines = []
     for sp in speedups:
         for ts, ds in tandem_dynamo_pairs(systems):
@@ -162,10 +192,19 @@ def pooled(raws: dict[str, list[Any]], systems: list[str], speedups: list[float]
                 parts = []
                 for key, p in POOLED:
                     va, vb = (percentile(xs, float(p[1:])) for xs in every[key])
-                    if va is not None and vb is not None:
-                        parts.append(f"{field_label(key, p)} {va:.2f} vs {vb:.2f} ({va - vb:+.2f})")
+                    if va is None or vb is None:
+                        continue
+                    part = f"{field_label(key, p)} {va:.2f} vs {vb:.2f} ({va - vb:+.2f})"
+                    if min(len(a), len(b)) > 1:
+                        lo, hi = round_interval([r[key] for r in a], [r[key] for r in b], float(p[1:]))
+                        part += f" [{lo:+.2f}..{hi:+.2f}]"
+                    parts.append(part)
                 na, nb = (len(xs) for xs in every["ttft_ms"])
                 lines.append(f"  x{sp:g} c={c} {ts} ({na}) - {ds} ({nb}): " + "; ".join(parts))
     if not lines:
         return ""
-    return "\n## every round's requests pooled (row vs Dynamo, ms; requests in brackets)\n" + "\n".join(lines)
+    head = (
+        "\n## every round's requests pooled (row vs Dynamo, ms; requests in brackets; [90% interval of the "
+        "difference with rounds drawn again])\n"
+    )
+    return head + "\n".join(lines)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from benchmarks.referee_raw import raw_series
-from benchmarks.serving_report import paired, pooled, tandem_dynamo_pairs
+from benchmarks.serving_report import paired, pooled, round_interval, tandem_dynamo_pairs
 
 
 def _round(ttft_p50: float, ttft_p99: float = 60.0) -> dict[str, Any]:
@@ -74,6 +74,24 @@ def test_pooled_percentiles_take_every_rounds_requests_together() -> None:
     assert "TTFT p50 50.00 vs 45.00 (+5.00)" in line
     assert "TTFT p99 90.00 vs 45.00 (+45.00)" in line
     assert "ITL p99 6.00 vs 6.50 (-0.50)" in line
+    # Two rounds each: the interval with rounds drawn again follows each difference.
+    assert "TTFT p50 50.00 vs 45.00 (+5.00) [" in line
+
+
+def test_round_interval_is_as_wide_as_the_rounds_disagree() -> None:
+    # Every round 3 ms apart: whatever rounds are drawn, the pooled median is 3 ms apart.
+    a = [[float(40 + r + i % 5) for i in range(200)] for r in range(4)]
+    b = [[x - 3.0 for x in rnd] for rnd in a]
+    lo, hi = round_interval(a, b, 50.0)
+    assert (round(lo, 6), round(hi, 6)) == (3.0, 3.0)
+    # A/A with rounds that drift (the machine, or the regime a deployment fell into): the pooled
+    # difference of one draw can be several ms, but the interval straddles 0.
+    shifts_a, shifts_b = [0.0, 6.0, 1.0, 4.0], [5.0, 0.5, 3.0, 2.0]
+    a = [[40.0 + s + i % 7 for i in range(300)] for s in shifts_a]
+    b = [[40.0 + s + i % 7 for i in range(300)] for s in shifts_b]
+    lo, hi = round_interval(a, b, 50.0)
+    assert lo < 0.0 < hi
+    assert hi - lo > 2.0
 
 
 def test_referee_raw_series_match_the_referees_definitions() -> None:
