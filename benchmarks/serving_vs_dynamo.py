@@ -23,7 +23,9 @@ process) after `wait_quiet.py`; `--tandem-bench` also runs `tandem bench` on the
 needs a venv as in ../shared/bench/dynamo-cpu.md (`--dynamo DIR` holds venv/ and nodelay.so).
 Prints one side-by-side table; `--out` keeps every raw result. `--pool` also keeps every request's
 TTFT and ITL (benchmarks/referee_raw.py: the same referee) and compares the percentiles of all rounds'
-requests taken together, a p99 over several thousand requests rather than the median of per-round p99s.
+requests taken together, a p99 over several thousand requests rather than the median of per-round p99s,
+each difference with its 90% interval when whole rounds are drawn again (rounds, not requests, are the
+independent draws: a fresh deployment keeps the batching regime it falls into for the round).
 """
 
 from __future__ import annotations
