@@ -61,7 +61,8 @@ TANDEM_SYSTEMS = {"tandem-rr": "round-robin", "tandem-ll": "least-loaded", "tand
 run: `:dF` `--scheduler-delay-factor F` (e.g. `tandem-rr:d0.5`), `:rN` `--regroup-steps N`, `:wN`
 `--regroup-window-steps N` (e.g. `tandem-ll:r2:w6`), `:eN` `--regroup-expect-steps N`, `:pN`
 `--regroup-pace-steps N`, `:fN` `--frontends N` (e.g. `tandem-ll:f2`); `:tN` sets
-TANDEM_TOKENIZE_BATCH_CHARS=N and `:gN` TANDEM_WORKER_SWITCH_INTERVAL_MS=N for the row."""
+TANDEM_TOKENIZE_BATCH_CHARS=N, `:gN` TANDEM_WORKER_SWITCH_INTERVAL_MS=N and `:kN` TANDEM_TIKTOKEN=N for
+the row."""
 VARIANT_FLAGS = {
     "d": "--scheduler-delay-factor",
     "r": "--regroup-steps",
@@ -70,7 +71,11 @@ VARIANT_FLAGS = {
     "p": "--regroup-pace-steps",
     "f": "--frontends",
 }
-VARIANT_ENV = {"t": "TANDEM_TOKENIZE_BATCH_CHARS", "g": "TANDEM_WORKER_SWITCH_INTERVAL_MS"}
+VARIANT_ENV = {
+    "t": "TANDEM_TOKENIZE_BATCH_CHARS",
+    "g": "TANDEM_WORKER_SWITCH_INTERVAL_MS",
+    "k": "TANDEM_TIKTOKEN",
+}
 SLOW_STOCK_C1 = 5  # stock Dynamo waits ~40 ms per chunk on Nagle at c=1: fewer requests, same shape
 
 

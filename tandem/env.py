@@ -55,6 +55,15 @@ def pack_weights() -> bool:
     return value == "1"
 
 
+def tiktoken_enabled() -> bool:
+    """TANDEM_TIKTOKEN: "0" keeps the frontend's plain-text tokenization on the Hugging Face tokenizer
+    even where tiktoken gives the same ids (`tandem/frontend/fast_bpe.py`). Default "1"."""
+    value = os.environ.get("TANDEM_TIKTOKEN") or "1"
+    if value not in ("0", "1"):
+        raise ValueError(f"TANDEM_TIKTOKEN must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
 def chat_token_cache_chars() -> int:
     """TANDEM_CHAT_TOKEN_CACHE_CHARS: how many characters of chat text the frontend keeps token ids
     for, so each turn of a conversation encodes only its new messages (default 16,000,000: about 50 MB

@@ -27,6 +27,7 @@ from tandem.frontend.chat_template import ChatTemplate
 from tandem.frontend.chat_tokens import PieceCache
 from tandem.frontend.detokenize import byte_table
 from tandem.frontend.errors import FieldError
+from tandem.frontend.fast_bpe import FastBpe
 from tandem.frontend.microbatch import MicrobatchEncoder
 from tandem.protocol.errors import CheckpointError, InvalidRequestError
 from tandem.protocol.messages import SamplingSpec
@@ -85,6 +86,9 @@ class ModelTokenizer:
             else None
         )
         self._fast_encode = getattr(self._backend, "encode_batch_fast", None)  # tokenizers >= 0.21
+        # Plain text through tiktoken where its ids are the tokenizer's (checked): a third of the CPU.
+        use_bpe = self._backend is not None and env.tiktoken_enabled()
+        self._bpe = FastBpe.for_tokenizer(self._backend) if use_bpe else None
         # The Rust batch calls release the GIL: on a tokenizer thread they run beside the event loop.
         self._batcher = (
             MicrobatchEncoder(
@@ -110,9 +114,11 @@ class ModelTokenizer:
             else None
         )
         log.info(
-            "loaded tokenizer from %s (fast path %s, chat template direct %s, chat pieces cached %s)",
+            "loaded tokenizer from %s (fast path %s, tiktoken %s, chat template direct %s, "
+            "chat pieces cached %s)",
             path,
             self._backend is not None,
+            self._bpe is not None,
             self._template is not None and self._template.direct,
             self._pieces is not None,
         )
@@ -122,6 +128,10 @@ class ModelTokenizer:
 
     def _encode_many(self, texts: list[str], add_special_tokens: bool = False) -> list[list[int]]:
         """Ids of each text, in one call (the Rust tokenizer's batch calls release the GIL)."""
+        if self._bpe is not None and not add_special_tokens:
+            ids = self._bpe.encode_many(texts)
+            if ids is not None:
+                return ids
         if self._fast_encode is not None:
             # The same ids without offsets and word ids: ~40% less CPU than `encode` on 100 tokens.
             return [list(e.ids) for e in self._fast_encode(texts, add_special_tokens=add_special_tokens)]
