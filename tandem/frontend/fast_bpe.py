@@ -18,8 +18,9 @@ ByteLevel step without its own, whose merges create tokens in id order (tiktoken
 pair whose result has the lowest id; Hugging Face the pair listed first). Then both encoders run over
 every vocabulary entry that is text, each merge's halves side by side, and a mixed probe corpus; one
 difference and it is not used. Left to the caller: texts holding an added token's string (Hugging
-Face makes it that token) and texts with a character made of a byte the vocabulary lacks (Hugging
-Face drops the byte; SmolLM2 lacks a few control characters).
+Face makes it that token), texts with a character made of a byte the vocabulary lacks (Hugging Face
+drops the byte; SmolLM2 lacks a few control characters), and texts with a lone UTF-16 surrogate
+(Hugging Face refuses them; tiktoken would encode U+FFFD).
 """
 
 from __future__ import annotations
@@ -111,10 +112,12 @@ def _missing_chars(missing: list[int]) -> str | None:
 class FastBpe:
     def __init__(self, encoding: Any, added: list[str], missing: str) -> None:
         self._encode = encoding.encode_ordinary
-        # Texts the caller must encode itself: an added token's string, or a character whose bytes
-        # the vocabulary lacks.
+        # Texts the caller must encode itself: an added token's string, a character whose bytes the
+        # vocabulary lacks, or a lone surrogate (not Unicode the tokenizer takes; tiktoken would
+        # encode U+FFFD in its place).
         parts = [*map(re.escape, sorted(added, key=len, reverse=True)), *([missing] if missing else [])]
-        self._leave = re.compile("|".join(parts)) if parts else None
+        parts.append("[\ud800-\udfff]")
+        self._leave: re.Pattern[str] | None = re.compile("|".join(parts))
 
     @classmethod
     def for_tokenizer(cls, backend: Any) -> FastBpe | None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,8 @@ from tandem.protocol.messages import SamplingSpec
 from tandem.protocol.openai import ChatCompletionRequest, ChatMessage, CompletionRequest
 
 log = logging.getLogger(__name__)
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16
 MAX_STOP_STRINGS = 16
@@ -127,11 +130,23 @@ class ModelTokenizer:
         return self._encode_many([text], add_special_tokens)[0]
 
     def _encode_many(self, texts: list[str], add_special_tokens: bool = False) -> list[list[int]]:
-        """Ids of each text, in one call (the Rust tokenizer's batch calls release the GIL)."""
+        """Ids of each text, in one call (the Rust tokenizer's batch calls release the GIL).
+        Raises InvalidRequestError for text that is not Unicode a tokenizer takes (a lone UTF-16
+        surrogate, which JSON's \\ud800 escapes can carry)."""
         if self._bpe is not None and not add_special_tokens:
             ids = self._bpe.encode_many(texts)
             if ids is not None:
                 return ids
+        try:
+            return self._encode_slow(texts, add_special_tokens)
+        except (TypeError, UnicodeError):
+            if any(_SURROGATE.search(t) for t in texts):
+                raise InvalidRequestError(
+                    "the prompt is not valid Unicode: it holds a lone UTF-16 surrogate (U+D800-U+DFFF)"
+                ) from None
+            raise
+
+    def _encode_slow(self, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
         if self._fast_encode is not None:
             # The same ids without offsets and word ids: ~40% less CPU than `encode` on 100 tokens.
             return [list(e.ids) for e in self._fast_encode(texts, add_special_tokens=add_special_tokens)]

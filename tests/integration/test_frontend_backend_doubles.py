@@ -248,3 +248,20 @@ def test_an_early_pick_is_announced_before_tokenizing_and_released_whatever_happ
         assert backend.withdrawn == backend.announced and len(backend.announced) == 3
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("fake_server", [(_two_tokens,)], indirect=True)
+def test_a_lone_surrogate_in_a_prompt_is_a_400(fake_server: tuple[ThreadedServer, FakeBackend]) -> None:
+    # Valid JSON ("\\ud800" is a legal escape) whose text no tokenizer takes: the client's error.
+    server, backend = fake_server
+    for path, field in (
+        ("/v1/chat/completions", '"messages": [{"role": "user", "content": "a\\ud800b"}]'),
+        ("/v1/completions", '"prompt": "a\\ud800b"'),
+    ):
+        body = f'{{"model": "{MODEL}", {field}, "max_tokens": 2}}'.encode()
+        resp = httpx.post(
+            server.url + path, content=body, headers={"content-type": "application/json"}, timeout=5
+        )
+        expect_error(resp, 400)
+        assert "surrogate" in resp.json()["error"]["message"]
+    assert not backend.closed_flag  # nothing reached the backend

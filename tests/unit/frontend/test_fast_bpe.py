@@ -13,6 +13,7 @@ from tokenizers import Tokenizer, normalizers, pre_tokenizers, trainers
 from tandem.frontend.fast_bpe import PROBES, FastBpe
 from tandem.frontend.preprocess import ModelTokenizer
 from tandem.models.tiny import train_tokenizer
+from tandem.protocol.errors import InvalidRequestError
 
 
 def _texts(seed: int = 0) -> list[str]:
@@ -104,3 +105,12 @@ def test_tandem_tiktoken_0_keeps_the_tokenizers_path(tiny_dir: Path, monkeypatch
     assert tok.encode("the capital of France", add_special_tokens=False) == list(
         tok.tokenizer("the capital of France", add_special_tokens=False)["input_ids"]
     )
+
+
+def test_a_lone_surrogate_is_a_clear_invalid_request(tiny_dir: Path) -> None:
+    # JSON's "\ud800" escape decodes to a lone surrogate: no tokenizer takes it, so it is the client's
+    # error (400), on either path, not tiktoken's replacement character.
+    tok = ModelTokenizer(tiny_dir)
+    assert tok._bpe is not None and tok._bpe.encode_many(["a\ud800b"]) is None
+    with pytest.raises(InvalidRequestError, match="lone UTF-16 surrogate"):
+        tok.encode("a\ud800b", add_special_tokens=False)
