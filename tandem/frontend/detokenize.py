@@ -44,7 +44,7 @@ _TABLES: weakref.WeakKeyDictionary[Any, tuple[bytes, ...] | None] = weakref.Weak
 _utf8_decoder = codecs.getincrementaldecoder("utf-8")
 
 
-def _byte_alphabet() -> str:
+def byte_alphabet() -> str:
     """The byte-level alphabet: the character standing for each byte, in byte order. Printable bytes
     stand for themselves, the others (space included) for code points from U+0100 on (GPT-2's
     `bytes_to_unicode`)."""
@@ -78,7 +78,7 @@ def _build_byte_table(tokenizer: Any) -> tuple[bytes, ...] | None:
     steps = spec.get("decoders", []) if spec.get("type") == "Sequence" else [spec]
     if [d.get("type") for d in steps] != ["ByteLevel"]:
         return None
-    alphabet = _byte_alphabet()
+    alphabet = byte_alphabet()
     to_latin1 = str.maketrans({c: chr(b) for b, c in enumerate(alphabet)})
     outside = re.compile(f"[^{re.escape(alphabet)}]")
     special = {i for i, t in backend.get_added_tokens_decoder().items() if t.special}

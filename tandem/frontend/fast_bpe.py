@@ -31,7 +31,12 @@ import logging
 import re
 from typing import Any
 
+from tandem.frontend.detokenize import byte_alphabet
+
 log = logging.getLogger(__name__)
+
+LONE_SURROGATE = "[\ud800-\udfff]"
+"""Characters no tokenizer takes (JSON's \\ud800 escapes can carry them into a prompt)."""
 
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 """The pre-tokenizer regex of a Hugging Face `ByteLevel(use_regex=True)` step (GPT-2's)."""
@@ -50,19 +55,6 @@ PROBES = (
     "                                                                 many spaces",
     "1234567890123456789012345678901234567890 0.000001 -42 +7",
 )
-
-
-def _byte_chars() -> dict[str, int]:
-    """GPT-2's byte-to-character table, inverted: the character a byte-level vocabulary uses for
-    each byte -> that byte."""
-    shown = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars = {b: chr(b) for b in shown}
-    extra = 0
-    for b in range(256):
-        if b not in chars:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return {c: b for b, c in chars.items()}
 
 
 def _pattern(pre: Any) -> str | None:
@@ -110,14 +102,13 @@ def _missing_chars(missing: list[int]) -> str | None:
 
 
 class FastBpe:
-    def __init__(self, encoding: Any, added: list[str], missing: str) -> None:
+    def __init__(self, encoding: Any, added: set[str], missing: str) -> None:
         self._encode = encoding.encode_ordinary
         # Texts the caller must encode itself: an added token's string, a character whose bytes the
         # vocabulary lacks, or a lone surrogate (not Unicode the tokenizer takes; tiktoken would
         # encode U+FFFD in its place).
         parts = [*map(re.escape, sorted(added, key=len, reverse=True)), *([missing] if missing else [])]
-        parts.append("[\ud800-\udfff]")
-        self._leave: re.Pattern[str] | None = re.compile("|".join(parts))
+        self._leave = re.compile("|".join([*parts, LONE_SURROGATE]))
 
     @classmethod
     def for_tokenizer(cls, backend: Any) -> FastBpe | None:
@@ -154,9 +145,9 @@ class FastBpe:
             or model.get("end_of_word_suffix")
         ):
             return None
-        chars = _byte_chars()
+        chars = {c: b for b, c in enumerate(byte_alphabet())}
         vocab: dict[str, int] = model["vocab"]
-        added = [t["content"] for t in spec.get("added_tokens", [])]
+        added = {t["content"] for t in spec.get("added_tokens", [])}
         ranks: dict[bytes, int] = {}
         for token, i in vocab.items():
             if token in added:
@@ -181,16 +172,16 @@ class FastBpe:
         return cls(encoding, added, missing), [*texts, *PROBES]
 
     def _same_as(self, backend: Any, texts: list[str]) -> bool:
-        plain = [t for t in texts if self._leave is None or not self._leave.search(t)]
+        plain = [t for t in texts if not self._leave.search(t)]
         expected = backend.encode_batch(plain, add_special_tokens=False)
         return all(self._encode(t) == e.ids for t, e in zip(plain, expected, strict=True))
 
     def encode_many(self, texts: list[str]) -> list[list[int]] | None:
         """Each text's ids, as the tokenizer's `encode(text, add_special_tokens=False)`; None if a
-        text holds an added token's string (the tokenizer would make it that token) or a character
-        with a byte the vocabulary lacks (the tokenizer drops it)."""
+        text holds an added token's string (the tokenizer would make it that token), a character
+        with a byte the vocabulary lacks (the tokenizer drops it) or a lone surrogate."""
         leave = self._leave
-        if leave is not None and any(leave.search(t) for t in texts):
+        if any(leave.search(t) for t in texts):
             return None
         return [self._encode(t) for t in texts]
 

@@ -28,7 +28,7 @@ from tandem.frontend.chat_template import ChatTemplate
 from tandem.frontend.chat_tokens import PieceCache
 from tandem.frontend.detokenize import byte_table
 from tandem.frontend.errors import FieldError
-from tandem.frontend.fast_bpe import FastBpe
+from tandem.frontend.fast_bpe import LONE_SURROGATE, FastBpe
 from tandem.frontend.microbatch import MicrobatchEncoder
 from tandem.protocol.errors import CheckpointError, InvalidRequestError
 from tandem.protocol.messages import SamplingSpec
@@ -36,7 +36,7 @@ from tandem.protocol.openai import ChatCompletionRequest, ChatMessage, Completio
 
 log = logging.getLogger(__name__)
 
-_SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE = re.compile(LONE_SURROGATE)
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16
 MAX_STOP_STRINGS = 16
